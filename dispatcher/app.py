@@ -1,0 +1,276 @@
+"""The root task group: start order, readiness, signals, drain and reload.
+
+Start order: (simulator), provider actors under their supervisor, scheduler,
+socket server; READY=1 only once all of them serve. SIGTERM/SIGINT drain:
+stop accepting, let running work finish within ``daemon.drain_s``, cancel the
+rest with a clear answer, remove the socket, exit 0; a second signal forces
+the exit at once. SIGHUP reloads the configuration (a bad file is refused and
+the old one kept).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from dispatcher import logs, systemd
+from dispatcher.config import Config, ConfigError, ProviderConfig, load_config, resolve_key
+from dispatcher.errors import Cancelled
+from dispatcher.policy import ProviderLimits
+from dispatcher.provider import ProviderActor
+from dispatcher.scheduler import Scheduler
+from dispatcher.server import Server
+from dispatcher.simulator import SEED_BEHAVIOURS, Behaviour, Simulator
+from dispatcher.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
+
+log = structlog.get_logger("dispatcher.app")
+
+EXIT_OK = 0
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: an actor crashed past its restart limit
+
+
+@dataclass(slots=True)
+class Options:
+    config_path: Path | None
+    socket: str
+    simulate: bool = False
+    time_scale: float = 1.0
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+class Daemon:
+    """Wires the actors together and runs them under one task group."""
+
+    def __init__(self, config: Config, options: Options) -> None:
+        self.config = config
+        self.options = options
+        self.scheduler = Scheduler(config)
+        self.supervisor = Supervisor()
+        self.notifier = systemd.Notifier(options.environ)
+        self.simulator: Simulator | None = None
+        self.server: Server | None = None
+        self._tg: TaskGroup | None = None
+        self.exit_code = EXIT_OK
+        self._sim_key = secrets.token_hex(16) if options.simulate else None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
+        async with AsyncExitStack() as stack:
+            if self.options.simulate:
+                self.simulator = await stack.enter_async_context(self._make_simulator())
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    for name, provider in self.config.providers.items():
+                        await self._start_provider(name, provider)
+                    await tg.start(self.scheduler.run)
+                    inherited = systemd.listen_fds()
+                    self.server = Server(
+                        self.scheduler,
+                        self.config.daemon,
+                        self.options.socket,
+                        inherited=inherited[0] if inherited else None,
+                    )
+                    await tg.start(self.server.run)
+                    self.notifier.ready(self._summary())
+                    log.info(
+                        "daemon.ready",
+                        socket=self.options.socket,
+                        providers=[n for n, p in self.scheduler.limits.items() if p.enabled],
+                        simulate=self.options.simulate,
+                    )
+                    task_status.started()
+                    tg.start_soon(self._watchdog)
+                    await self._handle_signals()
+                    tg.cancel_scope.cancel()
+            except* RestartIntensityExceeded as group:
+                log.critical("daemon.giving_up", reason=str(group.exceptions[0]))
+                self.exit_code = EXIT_SOFTWARE
+        log.info("daemon.stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    # -- providers ---------------------------------------------------------------------
+
+    def _make_simulator(self) -> Simulator:
+        behaviours: dict[str, Behaviour] = {}
+        for name, provider in self.config.providers.items():
+            seed = SEED_BEHAVIOURS.get(name)
+            base = seed or Behaviour(
+                name=name,
+                kind=provider.kind,
+                model=provider.model,
+                latency_s=provider.latency_s,
+                concurrency=provider.concurrency,
+                rpm=provider.rpm,
+                thinking=provider.thinking,
+            )
+            behaviours[name] = msgspec.structs.replace(base, name=name, jitter=0.05)
+        return Simulator(
+            time_scale=self.options.time_scale, behaviours=behaviours, api_key=self._sim_key
+        )
+
+    def _provider_config(self, name: str, provider: ProviderConfig) -> ProviderConfig:
+        """Under --simulate every provider points at its fake, with expected latencies scaled."""
+        if self.simulator is None:
+            return provider
+        return msgspec.structs.replace(
+            provider,
+            url=self.simulator.urls[name],
+            latency_s=provider.latency_s * self.options.time_scale,
+            api_key_env=None,
+            api_key_file=None,
+        )
+
+    def _key_for(self, name: str, provider: ProviderConfig) -> tuple[str | None, str | None]:
+        """The key, or None with the reason the provider is disabled."""
+        if self._sim_key is not None:
+            return self._sim_key, None
+        state = resolve_key(provider, self.options.environ)
+        if state.key is None:
+            return None, f"key {state.masked()}"
+        if state.key:
+            logs.add_secret(state.key)
+        return state.key, None
+
+    async def _start_provider(self, name: str, provider: ProviderConfig) -> None:
+        assert self._tg is not None
+        provider = self._provider_config(name, provider)
+        key, problem = self._key_for(name, provider)
+        limits = ProviderLimits.from_config(
+            name,
+            provider,
+            failures=self.config.circuit.failures,
+            cooldown_s=self.config.circuit.cooldown_s,
+        )
+        if problem is not None or not provider.enabled:
+            limits.enabled = False
+            limits.problem = problem or "disabled in the configuration"
+            log.warning("provider.disabled", provider=name, problem=limits.problem)
+        actor = ProviderActor(name, provider, key, limits, self.scheduler.on_outcome)
+        self.scheduler.add_provider(actor)
+        await self._tg.start(
+            self.supervisor.supervise, ChildSpec(name=name, child=actor, on_crash=actor.hand_back)
+        )
+
+    # -- signals -----------------------------------------------------------------------
+
+    async def _handle_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info("daemon.draining", signal=signal.Signals(signum).name)
+                await self.drain(signals)
+                return
+
+    async def drain(self, signals: AsyncIterator[signal.Signals] | None = None) -> None:
+        """Stop accepting; give running and queued work ``drain_s`` to finish; cancel the rest."""
+        self.notifier.stopping()
+        self.scheduler.accepting = False
+        if self.server is not None:
+            self.server.stop_accepting()
+        with anyio.move_on_after(self.config.daemon.drain_s):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._second_signal_forces, signals, tg.cancel_scope)
+                await self.scheduler.wait_idle()
+                tg.cancel_scope.cancel()
+        left = list(self.scheduler.active.values())
+        for job in left:
+            self.scheduler.cancel(
+                job,
+                Cancelled("the daemon is shutting down; submit the job again after it restarts"),
+            )
+        if left:
+            log.warning("daemon.cancelled_on_exit", jobs=len(left))
+            with anyio.move_on_after(2.0):  # let the connections deliver those answers
+                await self.scheduler.wait_idle()
+
+    @staticmethod
+    async def _second_signal_forces(
+        signals: AsyncIterator[signal.Signals] | None, scope: anyio.CancelScope
+    ) -> None:
+        if signals is None:
+            return
+        await anext(signals)
+        log.warning("daemon.forced_exit")
+        scope.cancel()
+
+    async def reload(self) -> None:
+        """Re-read the config file; apply it only if it is valid."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.options.config_path)
+        except ConfigError as exc:
+            log.error("config.reload_rejected", error=str(exc))
+            self.notifier.ready("reload rejected; old configuration kept")
+            return
+        await self.apply(new)
+        log.info("config.reloaded", providers=sorted(new.providers))
+        self.notifier.ready(self._summary())
+
+    async def apply(self, new: Config) -> None:
+        """Take a new configuration without dropping a queued or running job."""
+        old_names = set(self.scheduler.limits)
+        self.config = new
+        self.scheduler.reconfigure(new)
+        for name, provider in new.providers.items():
+            if name not in old_names:
+                await self._start_provider(name, provider)
+                continue
+            provider = self._provider_config(name, provider)
+            key, problem = self._key_for(name, provider)
+            actor = self.scheduler.actors[name]
+            actor.reconfigure(provider, key)
+            actor.limits.apply(
+                provider, enabled=problem is None and provider.enabled, problem=problem
+            )
+        for name in old_names - set(new.providers):
+            self.scheduler.limits[name].apply(
+                self.scheduler.limits[name].config,
+                enabled=False,
+                problem="removed from the configuration",
+            )
+        self.scheduler.after_reconfigure()
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 only while the scheduler loop keeps turning."""
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        last = -1
+        while True:
+            await anyio.sleep(interval)
+            if self.scheduler.turns != last:
+                last = self.scheduler.turns
+                self.notifier.watchdog()
+            else:
+                log.error("watchdog.stalled", turns=last)
+
+    def _summary(self) -> str:
+        status = self.scheduler.status()
+        ready = sum(1 for p in status.providers.values() if p.state != "disabled")
+        return f"serving {ready}/{len(status.providers)} providers, {status.queued} queued"
+
+
+def run(options: Options, config: Config) -> int:
+    """Run the daemon until a signal stops it; the process exit code."""
+    logs.configure(config.daemon.log_level)
+
+    async def main() -> int:
+        return await Daemon(config, options).run()
+
+    try:
+        return anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+    except KeyboardInterrupt:
+        return EXIT_OK

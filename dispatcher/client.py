@@ -1,0 +1,136 @@
+"""An async client for the daemon's socket, used by the CLI and by programs.
+
+    async with Client.connect(path) as client:
+        reply = await client.call({"op": "chat", "messages": [...]})
+        async for event in client.request({"op": "chat", "stream": True, ...}):
+            ...
+
+Many requests may be in flight on one connection; a reader task routes each
+reply to its request by ``id``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import SocketStream, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream
+
+from dispatcher.protocol import Accepted, Chunk, Error, Reply
+
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+PER_REQUEST_BUFFER = 256
+
+
+class DaemonNotRunning(Exception):
+    """Nothing is listening on the socket; the message says how to start the daemon."""
+
+
+class ConnectionLost(Exception):
+    """The daemon closed the connection before answering."""
+
+
+class Client:
+    def __init__(self, stream: SocketStream, tg: TaskGroup) -> None:
+        self._stream = stream
+        self._tg = tg
+        self._ids = itertools.count(1)
+        self._prefix = f"c{os.getpid()}-"
+        self._waiting: dict[str, MemoryObjectSendStream[Reply]] = {}
+        self._decoder = msgspec.json.Decoder(Reply)
+        self._encoder = msgspec.json.Encoder()
+        self._lock = anyio.Lock()
+        self.closed = False
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, path: str, *, timeout_s: float = 5.0) -> AsyncIterator[Client]:
+        try:
+            with anyio.fail_after(timeout_s):
+                stream = await anyio.connect_unix(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonNotRunning(
+                f"no dispatcher is listening on {path}; start one with "
+                f"`dispatcher serve --socket {path}` (add --simulate to try it without keys), "
+                "or point $DISPATCHER_SOCKET at the right socket"
+            ) from exc
+        except PermissionError as exc:
+            raise DaemonNotRunning(
+                f"permission denied on {path}; ask for membership of the socket's group "
+                "(see the README's deployment section)"
+            ) from exc
+        async with anyio.create_task_group() as tg, stream:
+            client = cls(stream, tg)
+            tg.start_soon(client._read_replies)
+            try:
+                yield client
+            finally:
+                tg.cancel_scope.cancel()
+
+    def new_id(self) -> str:
+        return f"{self._prefix}{next(self._ids)}"
+
+    async def _read_replies(self) -> None:
+        reader = BufferedByteReceiveStream(self._stream)
+        try:
+            while True:
+                line = await reader.receive_until(b"\n", MAX_REPLY_BYTES)
+                reply = self._decoder.decode(line)
+                target = self._waiting.get(reply.id or "")
+                if target is not None:
+                    await target.send(reply)
+                elif isinstance(reply, Error):
+                    # An error not tied to a request (frame too large, overloaded): tell everyone.
+                    for waiting in list(self._waiting.values()):
+                        await waiting.send(reply)
+        except (
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            OSError,
+        ):
+            pass
+        finally:
+            self.closed = True
+            for waiting in self._waiting.values():
+                waiting.close()
+
+    async def send(self, payload: Mapping[str, Any]) -> None:
+        async with self._lock:
+            await self._stream.send(self._encoder.encode(payload) + b"\n")
+
+    async def request(self, payload: Mapping[str, Any]) -> AsyncIterator[Reply]:
+        """Send one request; yield its replies up to and including the final one."""
+        body = dict(payload)
+        body.setdefault("id", self.new_id())
+        request_id = str(body["id"])
+        send, receive = anyio.create_memory_object_stream[Reply](PER_REQUEST_BUFFER)
+        self._waiting[request_id] = send
+        detached = bool(body.get("detach")) or body.get("op") == "cancel"
+        try:
+            await self.send(body)
+            async with receive:
+                async for reply in receive:
+                    yield reply
+                    if isinstance(reply, Chunk) or (isinstance(reply, Accepted) and not detached):
+                        continue
+                    return
+            raise ConnectionLost("the daemon closed the connection before answering")
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def call(self, payload: Mapping[str, Any]) -> Reply:
+        """Send one request and return its final reply (chunks are skipped)."""
+        final: Reply | None = None
+        async for reply in self.request(payload):
+            final = reply
+        assert final is not None
+        return final

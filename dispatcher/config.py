@@ -1,0 +1,365 @@
+"""The TOML configuration contract: frozen msgspec Structs, loading and validation.
+
+Looked up as ``--config PATH``, then ``$DISPATCHER_CONFIG``, then
+``/etc/dispatcher/config.toml``; with none, the built-in table of SEED.md's five
+providers is used. Keys are never literals in the file: they come from
+``api_key_env`` or ``api_key_file`` (systemd credentials).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from dispatcher.adapters import AdapterName
+
+DEFAULT_CONFIG_PATH = Path("/etc/dispatcher/config.toml")
+DEFAULT_SOCKET = "/run/dispatcher/dispatcher.sock"
+TASK_CLASSES: tuple[str, ...] = ("realtime", "complex", "default", "bulk")
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the file, the key and the fix."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    socket: str = DEFAULT_SOCKET
+    socket_mode: str = "0660"
+    socket_group: str | None = None
+    state_dir: str = "/var/lib/dispatcher"
+    max_frame_bytes: Positive = 16 * 1024 * 1024
+    max_queued: Positive = 100_000
+    max_connections: Positive = 1024
+    idle_timeout_s: Seconds = 3600.0
+    drain_s: Seconds = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ProviderConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: str
+    model: str
+    kind: Literal["chat", "embed"] = "chat"
+    adapter: AdapterName = "openai"
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    concurrency: Positive = 1
+    rpm: NonNegative = 0
+    burst: NonNegative = 0
+    context_window: Positive = 128_000
+    thinking: bool = False
+    timeout_s: Seconds = 60.0
+    daily_tokens: NonNegative = 0
+    latency_s: Seconds = 1.0
+    enabled: bool = True
+
+
+class ClassPolicy(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    providers: list[str]
+    strategy: Literal["capacity", "weighted"] = "capacity"
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
+    priority: int | None = None
+    hedge: bool = False
+
+
+class RetryConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_attempts: Positive = 6
+    per_provider: Positive = 3
+    backoff_base_s: Seconds = 2.0
+    backoff_max_s: Seconds = 30.0
+
+
+class CircuitConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    failures: Positive = 5
+    cooldown_s: Seconds = 30.0
+
+
+class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    ttl_s: Seconds = 3600.0
+    max_bytes: Positive = 256 * 1024 * 1024
+    redis_url: str | None = None
+
+
+class ClusterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    redis_url: str | None = None
+    instance_name: str | None = None
+
+
+class HttpConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    socket: str | None = None
+    listen: str | None = None
+
+
+class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: str | None = None
+    socket: str | None = None
+
+
+class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
+    classes: dict[str, ClassPolicy] = msgspec.field(default_factory=dict)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+
+# -- the built-in table (SEED.md) ----------------------------------------------------
+
+BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
+    "zhipu": ProviderConfig(
+        adapter="zhipu",
+        url="https://open.bigmodel.cn/api/paas/v4/chat/completions",
+        model="glm-4-flash",
+        api_key_env="ZHIPU_API_KEY",
+        concurrency=1,
+        rpm=0,
+        context_window=200_000,
+        thinking=True,
+        latency_s=1.03,
+    ),
+    "hunyuan": ProviderConfig(
+        adapter="hunyuan",
+        url="https://api.hunyuan.cloud.tencent.com/v1/chat/completions",
+        model="hunyuan-lite",
+        api_key_env="HUNYUAN_API_KEY",
+        concurrency=5,
+        rpm=0,
+        context_window=262_144,
+        latency_s=1.20,
+    ),
+    "nvidia1": ProviderConfig(
+        adapter="nvidia",
+        url="https://integrate.api.nvidia.com/v1/chat/completions",
+        model="z-ai/glm4.7",
+        api_key_env="NVIDIA1_API_KEY",
+        concurrency=5,
+        rpm=40,
+        context_window=128_000,
+        thinking=True,
+        timeout_s=120.0,
+        latency_s=7.17,
+    ),
+    "nvidia2": ProviderConfig(
+        adapter="nvidia",
+        url="https://integrate.api.nvidia.com/v1/chat/completions",
+        model="z-ai/glm4.7",
+        api_key_env="NVIDIA2_API_KEY",
+        concurrency=5,
+        rpm=40,
+        context_window=128_000,
+        thinking=True,
+        timeout_s=120.0,
+        latency_s=2.68,
+    ),
+    "siliconflow": ProviderConfig(
+        kind="embed",
+        adapter="siliconflow",
+        url="https://api.siliconflow.cn/v1/embeddings",
+        model="BAAI/bge-large-zh-v1.5",
+        api_key_env="SILICONFLOW_API_KEY",
+        concurrency=5,
+        rpm=5,
+        daily_tokens=500_000,
+        latency_s=0.10,
+    ),
+}
+
+# The seed's routing rules as a policy: which providers each class may use, in
+# order of preference; the weights only matter under strategy = "weighted".
+BUILTIN_CLASSES: dict[str, ClassPolicy] = {
+    "realtime": ClassPolicy(providers=["zhipu", "hunyuan", "nvidia2", "nvidia1"]),
+    "bulk": ClassPolicy(providers=["hunyuan", "nvidia2", "nvidia1"], weights={"hunyuan": 100.0}),
+    "complex": ClassPolicy(
+        providers=["nvidia1", "nvidia2", "zhipu"], weights={"nvidia1": 60.0, "nvidia2": 40.0}
+    ),
+    "default": ClassPolicy(
+        providers=["hunyuan", "nvidia2", "nvidia1", "zhipu"],
+        weights={"hunyuan": 50.0, "nvidia1": 20.0, "nvidia2": 20.0, "zhipu": 10.0},
+    ),
+}
+
+
+def builtin_config() -> Config:
+    return Config(providers=dict(BUILTIN_PROVIDERS), classes=dict(BUILTIN_CLASSES))
+
+
+# -- loading -------------------------------------------------------------------------
+
+
+def find_config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """``--config``, then ``$DISPATCHER_CONFIG``, then the system file if it exists."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("DISPATCHER_CONFIG"):
+        return Path(environ["DISPATCHER_CONFIG"])
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_config(path: Path | None) -> Config:
+    """Read, validate and complete a config file (or the built-in table when ``path`` is None)."""
+    if path is None:
+        return builtin_config()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass --config with an existing file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> Config:
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(str(exc))}") from None
+    if not config.providers:
+        config = msgspec.structs.replace(config, providers=dict(BUILTIN_PROVIDERS))
+    if not config.classes:
+        config = msgspec.structs.replace(config, classes=_default_classes(config.providers))
+    _check_references(config, source)
+    return config
+
+
+def _explain(message: str) -> str:
+    """Turn msgspec's "... - at `$.a.b`" into "a.b: ..." with the expectation kept."""
+    match = re.match(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", message)
+    if match is None:  # pragma: no cover - the pattern always matches
+        return message
+    what, where = match["what"], (match["path"] or "").lstrip(".")
+    unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", what)
+    if unknown:
+        key = f"{where}.{unknown['key']}" if where else unknown["key"]
+        return f"{key}: unknown key; remove it or check its spelling against the documentation"
+    missing = re.match(r"Object missing required field `(?P<key>[^`]+)`", what)
+    if missing:
+        key = f"{where}.{missing['key']}" if where else missing["key"]
+        return f"{key}: required key is missing"
+    where = re.sub(r"\[(\d+)\]", r"[\1]", where)
+    return f"{where or 'top level'}: {what[0].lower()}{what[1:]}"
+
+
+def _default_classes(providers: Mapping[str, ProviderConfig]) -> dict[str, ClassPolicy]:
+    chat = [name for name, p in providers.items() if p.kind == "chat"]
+    classes: dict[str, ClassPolicy] = {}
+    for name in TASK_CLASSES:
+        builtin = BUILTIN_CLASSES[name]
+        kept = [p for p in builtin.providers if p in chat]
+        classes[name] = (
+            msgspec.structs.replace(builtin, providers=kept)
+            if kept
+            else ClassPolicy(providers=chat)
+        )
+    return classes
+
+
+def _check_references(config: Config, source: str) -> None:
+    for cls, policy in config.classes.items():
+        for name in policy.providers:
+            provider = config.providers.get(name)
+            if provider is None:
+                known = ", ".join(sorted(config.providers))
+                raise ConfigError(
+                    f"{source}: classes.{cls}.providers: unknown provider {name!r}; "
+                    f"known providers are {known}"
+                )
+            if provider.kind != "chat":
+                raise ConfigError(
+                    f"{source}: classes.{cls}.providers: {name!r} is an {provider.kind} "
+                    "provider; classes route chat jobs"
+                )
+        for name in policy.weights:
+            if name not in policy.providers:
+                raise ConfigError(
+                    f"{source}: classes.{cls}.weights: {name!r} is not in this class's providers"
+                )
+    for name, provider in config.providers.items():
+        if provider.api_key_env and provider.api_key_file:
+            raise ConfigError(
+                f"{source}: providers.{name}: set api_key_env or api_key_file, not both"
+            )
+        if not provider.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: providers.{name}.url: expected an http(s) URL")
+    try:
+        int(config.daemon.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(
+            f'{source}: daemon.socket_mode: expected an octal string such as "0660"'
+        ) from None
+
+
+# -- keys ----------------------------------------------------------------------------
+
+
+class KeyState(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a provider's key comes from and whether it is there; never the key itself in repr."""
+
+    source: str
+    key: str | None = msgspec.field(default=None)
+    problem: str | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyState(source={self.source!r}, present={self.key is not None})"
+
+    def masked(self) -> str:
+        if self.key is None:
+            return f"{self.source}: {self.problem}"
+        return f"{self.source} (set, {len(self.key)} chars)"
+
+
+def resolve_key(provider: ProviderConfig, environ: Mapping[str, str]) -> KeyState:
+    if provider.api_key_file:
+        path = _expand(provider.api_key_file, environ)
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            return KeyState(source=f"file {path}", problem=f"cannot read it ({exc.strerror})")
+        if not key:
+            return KeyState(source=f"file {path}", problem="the file is empty")
+        return KeyState(source=f"file {path}", key=key)
+    if provider.api_key_env:
+        key = environ.get(provider.api_key_env, "").strip()
+        if not key:
+            return KeyState(source=f"${provider.api_key_env}", problem="not set")
+        return KeyState(source=f"${provider.api_key_env}", key=key)
+    return KeyState(source="no key configured", key="")
+
+
+def _expand(path: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${CREDENTIALS_DIRECTORY}`` and friends from the given environment."""
+
+    def sub(match: re.Match[str]) -> str:
+        return environ.get(match[1] or match[2], match[0])
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, path)
+
+
+def socket_path(explicit: str | None, environ: Mapping[str, str], config: Config | None) -> str:
+    """Where clients and the server find the socket: flag, environment, config, default."""
+    if explicit:
+        return explicit
+    if environ.get("DISPATCHER_SOCKET"):
+        return environ["DISPATCHER_SOCKET"]
+    if config is not None:
+        return config.daemon.socket
+    return DEFAULT_SOCKET

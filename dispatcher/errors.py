@@ -1,0 +1,161 @@
+"""The error hierarchy, grouped by who must act, each with its stable wire code.
+
+Upstream failures are first described by an :class:`UpstreamError` (what went
+wrong on one attempt, translated from aiohttp and timeout exceptions in one
+place, the provider actor's HTTP boundary); the scheduler reads its ``kind`` to
+decide between retry, fallback and failure, and the client finally gets one
+``DispatcherError`` that names every provider tried.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ErrorCode = Literal[
+    "bad_request",
+    "frame_too_large",
+    "unknown_job",
+    "no_provider",
+    "context_too_long",
+    "overloaded",
+    "quota_exhausted",
+    "upstream_failed",
+    "timeout",
+    "cancelled",
+    "internal",
+]
+
+
+class DispatcherError(Exception):
+    """Base of every error the daemon reports to a client."""
+
+    code: ErrorCode = "internal"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+# -- the client must act -------------------------------------------------------------
+
+
+class ClientError(DispatcherError):
+    """The request itself is wrong; sending it again unchanged will fail again."""
+
+    code: ErrorCode = "bad_request"
+
+
+class FrameTooLarge(ClientError):
+    code: ErrorCode = "frame_too_large"
+
+
+class UnknownJob(ClientError):
+    code: ErrorCode = "unknown_job"
+
+
+class ContextTooLong(ClientError):
+    code: ErrorCode = "context_too_long"
+
+
+class NoProvider(ClientError):
+    """No enabled provider may take this job (policy, pins, capability)."""
+
+    code: ErrorCode = "no_provider"
+
+
+# -- wait and try again ---------------------------------------------------------------
+
+
+class Overloaded(DispatcherError):
+    code: ErrorCode = "overloaded"
+    retryable = True
+
+
+class QuotaExhausted(DispatcherError):
+    code: ErrorCode = "quota_exhausted"
+    retryable = True
+
+
+class Timeout(DispatcherError):
+    code: ErrorCode = "timeout"
+    retryable = True
+
+
+class Cancelled(DispatcherError):
+    code: ErrorCode = "cancelled"
+
+
+class UpstreamFailed(DispatcherError):
+    """Every provider tried failed; the message names each and why."""
+
+    code: ErrorCode = "upstream_failed"
+    retryable = True
+
+
+class InternalError(DispatcherError):
+    code: ErrorCode = "internal"
+    retryable = True
+
+
+# -- what one upstream attempt can go wrong with ----------------------------------------
+
+UpstreamKind = Literal[
+    "rate_limited",  # 429: wait (Retry-After) and retry
+    "server",  # 5xx: retry, count against the circuit
+    "timeout",  # no answer in time
+    "connect",  # refused, reset, DNS: the provider is unreachable
+    "auth",  # 401/403: the key is wrong; the provider is taken out
+    "rejected",  # 400/404/413/422: our request is wrong for it; never retried
+    "bad_answer",  # 200 with a body that is not an answer
+    "stream_broken",  # failed after chunks were forwarded: cannot retry
+]
+
+RETRYABLE_KINDS: frozenset[str] = frozenset(
+    {"rate_limited", "server", "timeout", "connect", "bad_answer"}
+)
+
+
+class UpstreamError(Exception):
+    """One failed attempt at one provider: the input to retry and circuit decisions."""
+
+    def __init__(
+        self,
+        kind: UpstreamKind,
+        detail: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.kind: UpstreamKind = kind
+        self.detail = detail
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in RETRYABLE_KINDS
+
+    @property
+    def counts_against_provider(self) -> bool:
+        """Whether this failure says the provider is sick (circuit breaker input)."""
+        return self.kind in {"server", "timeout", "connect", "bad_answer"}
+
+    def short(self) -> str:
+        """A few words for the "tried X (why)" sentence."""
+        if self.status is not None:
+            return f"HTTP {self.status}: {self.detail}"
+        return self.detail
+
+
+def status_kind(status: int) -> UpstreamKind:
+    """Classify a non-2xx HTTP status."""
+    if status == 429:
+        return "rate_limited"
+    if status in (401, 403):
+        return "auth"
+    if status == 408 or status >= 500:
+        return "server" if status != 408 else "timeout"
+    return "rejected"

@@ -1,0 +1,275 @@
+"""The wire protocol: newline-delimited JSON over a Unix stream socket.
+
+Requests are a tagged union on ``op``, replies a tagged union on ``event``.
+Wire Structs accept unknown fields and only ever gain optional ones, so old
+clients keep working against new daemons and the other way round.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from dispatcher.adapters import Usage
+from dispatcher.errors import ClientError, DispatcherError, ErrorCode
+
+TaskClass = Literal["realtime", "bulk", "complex", "default"]
+JobState = Literal["queued", "running", "retrying", "done", "failed"]
+
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TimeoutS = Annotated[float, msgspec.Meta(gt=0.0, le=86_400.0)]
+Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class _Request(msgspec.Struct, tag_field="op", kw_only=True):
+    id: Id
+
+
+class ChatRequest(_Request, tag="chat"):
+    messages: list[dict[str, Any]]
+    task: TaskClass | None = None
+    thinking: bool = False
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    stream: bool = False
+    providers: list[str] | None = None
+    priority: Priority = 0
+    timeout_s: TimeoutS | None = None
+    cache: bool = True
+    key: Id | None = None
+    detach: bool = False
+
+
+class EmbedRequest(_Request, tag="embed"):
+    input: str | list[str]
+    providers: list[str] | None = None
+    priority: Priority = 0
+    timeout_s: TimeoutS | None = None
+    cache: bool = True
+    key: Id | None = None
+    detach: bool = False
+
+
+class CancelRequest(_Request, tag="cancel"):
+    target: Id
+
+
+class ResultRequest(_Request, tag="result"):
+    job: Id
+    wait: bool = True
+
+
+class StatusRequest(_Request, tag="status"):
+    pass
+
+
+class PingRequest(_Request, tag="ping"):
+    pass
+
+
+Request = ChatRequest | EmbedRequest | CancelRequest | ResultRequest | StatusRequest | PingRequest
+JobRequest = ChatRequest | EmbedRequest
+OPS = ("chat", "embed", "cancel", "result", "status", "ping")
+
+
+# -- replies -------------------------------------------------------------------------
+
+
+class _Reply(msgspec.Struct, tag_field="event", kw_only=True, omit_defaults=True):
+    id: str | None = None
+
+
+class Accepted(_Reply, tag="accepted"):
+    job: str
+
+
+class Chunk(_Reply, tag="chunk"):
+    delta: str = ""
+    reasoning: str | None = None
+
+
+class Result(_Reply, tag="result"):
+    job: str
+    provider: str
+    model: str
+    class_: str = msgspec.field(name="class")
+    content: str | None = None
+    embeddings: list[list[float]] | None = None
+    reasoning: str | None = None
+    usage: Usage = msgspec.field(default_factory=Usage)
+    latency_ms: float = 0.0
+    attempts: int = 0
+    cached: bool = False
+
+
+class ProviderStatus(msgspec.Struct, kw_only=True):
+    state: str
+    kind: str
+    in_flight: int
+    queued: int
+    concurrency: int
+    rpm: int
+    tokens: int | None
+    latency_ms: float
+    ok: int
+    failed: int
+    rate_limited: int
+    learned_rpm: float | None = None
+    circuit: str = "closed"
+    blocked_for_s: float = 0.0
+    problem: str | None = None
+
+
+class Status(_Reply, tag="status"):
+    providers: dict[str, ProviderStatus]
+    queued: int
+    running: int = 0
+    uptime_s: float = 0.0
+    classes: dict[str, int] = msgspec.field(default_factory=dict)
+    jobs_done: int = 0
+    jobs_failed: int = 0
+
+
+class Pong(_Reply, tag="pong"):
+    pass
+
+
+class Pending(_Reply, tag="pending"):
+    job: str
+    state: JobState
+
+
+class Error(_Reply, tag="error"):
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    job: str | None = None
+    retry_after_s: float | None = None
+
+
+Reply = Accepted | Chunk | Result | Status | Pong | Pending | Error
+
+
+def error_reply(request_id: str | None, exc: DispatcherError, job: str | None = None) -> Error:
+    return Error(
+        id=request_id,
+        code=exc.code,
+        message=exc.message,
+        retryable=exc.retryable,
+        job=job,
+        retry_after_s=exc.retry_after_s,
+    )
+
+
+# -- codec ---------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_line(message: msgspec.Struct) -> bytes:
+    """One message as one ``\\n``-terminated line."""
+    buffer = bytearray()
+    _encoder.encode_into(message, buffer)
+    buffer.extend(b"\n")
+    return bytes(buffer)
+
+
+class RequestDecoder:
+    """Decodes request lines; one per connection (msgspec decoders are reusable and cheap)."""
+
+    def __init__(self) -> None:
+        self._typed = msgspec.json.Decoder(Request)
+        self._loose = msgspec.json.Decoder()
+
+    def decode(self, line: bytes) -> Request:
+        """The request on this line, or a ``ClientError`` whose message says what to fix.
+
+        The error's ``request_id`` attribute carries the line's ``id`` when one
+        could be read, so the reply can still echo it.
+        """
+        try:
+            request: Request = self._typed.decode(line)
+        except msgspec.ValidationError as exc:
+            raise self._explain(line, str(exc)) from None
+        except msgspec.DecodeError as exc:
+            error = RequestError(
+                f"the line is not valid JSON ({exc}); send one JSON object per line"
+            )
+            raise error from None
+        _check(request)
+        return request
+
+    def _explain(self, line: bytes, message: str) -> RequestError:
+        request_id: str | None = None
+        try:
+            loose = self._loose.decode(line)
+        except msgspec.DecodeError:
+            loose = None
+        if isinstance(loose, dict):
+            raw_id = loose.get("id")
+            request_id = raw_id if isinstance(raw_id, str) else None
+            op = loose.get("op")
+            if "op" in loose and op not in OPS:
+                return RequestError(
+                    f"unknown op {op!r}; use one of {', '.join(OPS)}", request_id=request_id
+                )
+        elif loose is not None:
+            return RequestError(
+                f"expected a JSON object with 'op' and 'id', got {type(loose).__name__}"
+            )
+        match = re.match(r"(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", message)
+        what = match["what"] if match else message
+        path = match["path"] if match else ""
+        if m := re.match(r"Object missing required field `(?P<key>[^`]+)`", what):
+            key = f"{path}.{m['key']}" if path else m["key"]
+            return RequestError(f"missing required field '{key}'", request_id=request_id)
+        where = f"field '{path}'" if path else "the request"
+        return RequestError(f"{where}: {what[0].lower()}{what[1:]}", request_id=request_id)
+
+
+class RequestError(ClientError):
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _check(request: Request) -> None:
+    """Rules msgspec's types cannot say: non-empty messages, well-formed roles."""
+    match request:
+        case ChatRequest(messages=messages):
+            if not messages:
+                raise RequestError(
+                    "'messages' is empty; send at least one {role, content} message",
+                    request_id=request.id,
+                )
+            for i, message in enumerate(messages):
+                role = message.get("role")
+                if not isinstance(role, str) or not role:
+                    raise RequestError(
+                        f"messages[{i}] has no 'role'; use system, user, assistant or tool",
+                        request_id=request.id,
+                    )
+                content = message.get("content")
+                if content is not None and not isinstance(content, str | list):
+                    raise RequestError(
+                        f"messages[{i}].content must be a string or a list of parts",
+                        request_id=request.id,
+                    )
+            if request.providers is not None and not request.providers:
+                raise RequestError(
+                    "'providers' is an empty list; leave it out or name at least one provider",
+                    request_id=request.id,
+                )
+        case EmbedRequest(input=inputs):
+            items = [inputs] if isinstance(inputs, str) else inputs
+            if not items or any(not item for item in items):
+                raise RequestError(
+                    "'input' must be a non-empty string or a list of non-empty strings",
+                    request_id=request.id,
+                )
+        case _:
+            pass

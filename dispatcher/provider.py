@@ -1,0 +1,255 @@
+"""The provider actor: one per provider, owning its inbox, its limits and one HTTP session.
+
+The scheduler reserves a slot and a token (``ProviderLimits.reserve``) and then
+hands the job over with :meth:`ProviderActor.deliver`; the actor runs one
+attempt and reports what happened with the ``report`` callback. It never
+decides about retries: that is the scheduler's job, which sees every provider.
+
+Resource handling: ``run`` owns the aiohttp session and a task group holding
+one task per attempt. When ``run`` is cancelled or crashes, every attempt task
+reports "no outcome" on its way out, so the scheduler takes its job back.
+
+Error handling: aiohttp, OS and timeout exceptions are translated into
+:class:`~dispatcher.errors.UpstreamError` in :func:`translate`, the one place
+foreign exceptions become ours.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from dispatcher import adapters
+from dispatcher.adapters import ChatAnswer, EmbedAnswer, RateLimitInfo
+from dispatcher.config import ProviderConfig
+from dispatcher.errors import UpstreamError, status_kind
+from dispatcher.jobs import Job
+from dispatcher.policy import ProviderLimits
+from dispatcher.protocol import ChatRequest, Chunk, EmbedRequest
+
+log = structlog.get_logger("dispatcher.provider")
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(slots=True)
+class Answer:
+    """A successful attempt."""
+
+    answer: ChatAnswer | EmbedAnswer
+    latency_s: float
+    ratelimit: RateLimitInfo | None
+
+
+Outcome = Answer | UpstreamError | None  # None: no outcome (cancelled, handed back)
+Report = Callable[[Job, str, Outcome], None]
+
+
+class ProviderActor:
+    """Runs attempts at one provider. ``__init__`` does no I/O."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        key: str | None,
+        limits: ProviderLimits,
+        report: Report,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.limits = limits
+        self._key = key
+        self._report = report
+        self._clock = clock
+        capacity = config.concurrency * 2 + 8
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[Job](capacity)
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        stats = self._inbox_send.statistics()
+        return (
+            f"<ProviderActor {self.name} slots {self.limits.in_flight}/{self.config.concurrency} "
+            f"{self.limits.bucket!r} inbox {stats.current_buffer_used}/{stats.max_buffer_size}>"
+        )
+
+    def reconfigure(self, config: ProviderConfig, key: str | None) -> None:
+        """Take new settings (SIGHUP); attempts already running keep theirs."""
+        self.config, self._key = config, key
+
+    def deliver(self, job: Job) -> bool:
+        """Hand over a job whose slot and token are reserved; False if the inbox is full."""
+        try:
+            self._inbox_send.send_nowait(job)
+        except anyio.WouldBlock:
+            return False
+        return True
+
+    def hand_back(self) -> None:
+        """After a crash: give every job still waiting in the inbox back to the scheduler."""
+        while True:
+            try:
+                job = self._inbox.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return
+            self._report(job, self.name, None)
+
+    def cancel(self, job_id: str) -> None:
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            scope.cancel()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        async with (
+            aiohttp.ClientSession(
+                timeout=timeout, connector=connector, raise_for_status=False
+            ) as session,
+            anyio.create_task_group() as tg,
+        ):
+            self._session = session
+            task_status.started()
+            async for job in self._inbox:
+                tg.start_soon(self._attempt, job, name=f"attempt {self.name} {job.id}")
+
+    async def _attempt(self, job: Job) -> None:
+        outcome: Outcome = None
+        started = self._clock()
+        budget = self.config.timeout_s
+        if job.deadline is not None:
+            budget = max(0.0, min(budget, job.deadline - started))
+        try:
+            with anyio.CancelScope() as scope:
+                if job.stop is not None:
+                    return  # stopped while it waited in the inbox
+                self._scopes[job.id] = scope
+                try:
+                    with anyio.fail_after(budget):
+                        answer, ratelimit = await self._call(job)
+                    outcome = Answer(answer, self._clock() - started, ratelimit)
+                except TimeoutError:
+                    outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
+                except UpstreamError as exc:
+                    outcome = exc
+                except (aiohttp.ClientError, OSError, adapters.AnswerFormatError) as exc:
+                    outcome = translate(exc)
+                if outcome is not None and job.streamed and isinstance(outcome, UpstreamError):
+                    outcome = UpstreamError("stream_broken", outcome.short())
+        finally:
+            self._scopes.pop(job.id, None)
+            self._report(job, self.name, outcome)
+
+    async def _call(self, job: Job) -> tuple[ChatAnswer | EmbedAnswer, RateLimitInfo | None]:
+        assert self._session is not None, "run() owns the session"
+        request = job.request
+        config = self.config
+        body: dict[str, Any]
+        if isinstance(request, EmbedRequest):
+            inputs = [request.input] if isinstance(request.input, str) else request.input
+            body = adapters.build_embed_body(config.adapter, model=config.model, inputs=inputs)
+        else:
+            body = adapters.build_chat_body(
+                config.adapter,
+                model=config.model,
+                messages=request.messages,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                stream=request.stream,
+                thinking=request.thinking,
+            )
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        async with self._session.post(
+            config.url, data=adapters.encode_body(body), headers=headers
+        ) as response:
+            ratelimit = adapters.rate_limit_headers(response.headers)
+            if response.status != 200:
+                payload = await response.content.read(MAX_ERROR_BODY)
+                raise UpstreamError(
+                    status_kind(response.status),
+                    adapters.parse_error_message(payload),
+                    status=response.status,
+                    retry_after_s=adapters.retry_after_seconds(response.headers, time.time()),
+                )
+            if isinstance(request, EmbedRequest):
+                answer = adapters.parse_embed_answer(config.adapter, await response.read())
+                expected = 1 if isinstance(request.input, str) else len(request.input)
+                if len(answer.embeddings) != expected:
+                    raise adapters.AnswerFormatError(
+                        f"asked for {expected} embeddings, got {len(answer.embeddings)}"
+                    )
+                return answer, ratelimit
+            if request.stream:
+                return await self._stream(job, request, response), ratelimit
+            return adapters.parse_chat_answer(config.adapter, await response.read()), ratelimit
+
+    async def _stream(
+        self, job: Job, request: ChatRequest, response: aiohttp.ClientResponse
+    ) -> ChatAnswer:
+        decoder = adapters.SSEDecoder(self.config.adapter)
+        content: list[str] = []
+        reasoning: list[str] = []
+        usage = adapters.Usage()
+        model: str | None = None
+        finish: str | None = None
+        async for data in response.content.iter_any():
+            for delta in decoder.feed(data):
+                if delta.usage is not None:
+                    usage = delta.usage
+                model = delta.model or model
+                finish = delta.finish_reason or finish
+                if delta.content or delta.reasoning:
+                    content.append(delta.content)
+                    reasoning.append(delta.reasoning)
+                    if job.on_chunk is not None:
+                        await job.on_chunk(
+                            Chunk(
+                                id=request.id,
+                                delta=delta.content,
+                                reasoning=delta.reasoning or None,
+                            )
+                        )
+                    job.streamed = True
+            if decoder.done:
+                break
+        for delta in decoder.close():
+            content.append(delta.content)
+            reasoning.append(delta.reasoning)
+        if not decoder.done and finish is None:
+            raise UpstreamError("connect", "the stream ended before its end marker")
+        return ChatAnswer(
+            content="".join(content),
+            reasoning="".join(reasoning) or None,
+            usage=usage,
+            model=model,
+            finish_reason=finish,
+        )
+
+
+def translate(exc: BaseException) -> UpstreamError:
+    """The one place foreign exceptions become upstream errors."""
+    match exc:
+        case adapters.AnswerFormatError():
+            return UpstreamError("bad_answer", f"the answer was not usable: {exc}")
+        case aiohttp.ClientConnectorError():
+            return UpstreamError("connect", f"cannot connect ({exc.os_error.strerror or exc})")
+        case aiohttp.ServerDisconnectedError():
+            return UpstreamError("connect", "the server closed the connection without answering")
+        case aiohttp.ClientPayloadError():
+            return UpstreamError("connect", "the connection broke during the answer")
+        case aiohttp.ClientError() | OSError():
+            return UpstreamError("connect", f"connection failed ({type(exc).__name__}: {exc})")
+        case _:
+            return UpstreamError("connect", f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,466 @@
+"""The scheduler actor: the async shell around the decision core in :mod:`dispatcher.policy`.
+
+It accepts jobs (``submit``), keeps them in the fair queue, and each time
+something changes (a job arrives, an attempt ends, a token returns, a deadline
+passes) asks :func:`~dispatcher.policy.plan` who starts now, reserves those
+slots and tokens and hands the jobs to the provider actors. Attempt outcomes
+come back through :meth:`Scheduler.on_outcome`, where retries, fallbacks and
+circuit state are decided; every job leaves through :meth:`_finish`, once.
+
+All methods but ``run`` are synchronous and called from other tasks of the
+same event loop; they only change state and wake ``run``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from dispatcher import policy
+from dispatcher.config import Config
+from dispatcher.errors import (
+    Cancelled,
+    DispatcherError,
+    InternalError,
+    NoProvider,
+    Overloaded,
+    Timeout,
+    UpstreamError,
+)
+from dispatcher.jobs import ChunkSink, Job, Kind
+from dispatcher.policy import ProviderLimits
+from dispatcher.protocol import (
+    ChatRequest,
+    EmbedRequest,
+    JobRequest,
+    ProviderStatus,
+    Result,
+    Status,
+)
+from dispatcher.provider import Answer, Outcome, ProviderActor
+from dispatcher.queueing import FairQueue
+from dispatcher.tokens import estimate_messages, estimate_text
+
+log = structlog.get_logger("dispatcher.scheduler")
+
+DEFAULT_TIMEOUT_S = 600.0
+FINISHED_KEPT = 10_000  # finished jobs kept in memory for `result`
+MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
+MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
+
+
+class Scheduler:
+    """Owns the queue and the routing decisions. ``__init__`` does no I/O."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.limits: dict[str, ProviderLimits] = {}
+        self.actors: dict[str, ProviderActor] = {}
+        self.queue = FairQueue()
+        self.active: dict[str, Job] = {}
+        self.finished: OrderedDict[str, Job] = OrderedDict()
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._wakeup = anyio.Event()
+        self.started_at = clock()
+        self.turns = 0  # loop iterations: the watchdog's sign of progress
+        self.jobs_done = 0
+        self.jobs_failed = 0
+        self.accepting = True
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def __repr__(self) -> str:
+        return f"<Scheduler queued {len(self.queue)} active {len(self.active)}>"
+
+    # -- wiring ------------------------------------------------------------------------
+
+    def add_provider(self, actor: ProviderActor) -> None:
+        self.actors[actor.name] = actor
+        self.limits[actor.name] = actor.limits
+
+    # -- client side -------------------------------------------------------------------
+
+    def submit(
+        self,
+        request: JobRequest,
+        *,
+        client: str,
+        uid: int = -1,
+        on_chunk: ChunkSink | None = None,
+        job_id: str | None = None,
+    ) -> Job:
+        """Accept a job or raise the client error that says why not."""
+        if not self.accepting:
+            raise Overloaded("the daemon is shutting down; try again in a moment", retry_after_s=5)
+        if len(self.active) >= self.config.daemon.max_queued:
+            raise Overloaded(
+                f"{len(self.active):,} jobs are already waiting (max_queued); "
+                "retry later or raise daemon.max_queued",
+                retry_after_s=self._drain_estimate_s(),
+            )
+        now = self.clock()
+        job = self._make_job(request, client=client, uid=uid, now=now, job_id=job_id)
+        job.on_chunk = on_chunk
+        self.active[job.id] = job
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self.queue.push(job)
+        if job.deadline is not None:
+            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+        self._poke()
+        return job
+
+    def _make_job(
+        self, request: JobRequest, *, client: str, uid: int, now: float, job_id: str | None
+    ) -> Job:
+        pick: str | None = None
+        kind: Kind
+        if isinstance(request, EmbedRequest):
+            inputs = [request.input] if isinstance(request.input, str) else request.input
+            tokens = sum(estimate_text(text) for text in inputs)
+            klass, kind = "embed", "embed"
+            eligible = policy.classify_embed(request.providers, self.config, self.limits)
+        else:
+            tokens = estimate_messages(request.messages)
+            kind = "chat"
+            klass, eligible = policy.classify_chat(
+                task=request.task,
+                thinking=request.thinking,
+                pins=request.providers,
+                prompt_tokens=tokens,
+                max_tokens=request.max_tokens,
+                config=self.config,
+                limits=self.limits,
+            )
+            class_policy = self.config.classes.get(klass)
+            if (
+                class_policy is not None
+                and class_policy.strategy == "weighted"
+                and not request.providers
+            ):
+                pick = policy.weighted_pick(class_policy, eligible, self.rng)
+        timeout = request.timeout_s or DEFAULT_TIMEOUT_S
+        return Job(
+            id=job_id or uuid.uuid4().hex[:16],
+            request=request,
+            kind=kind,
+            klass=klass,
+            eligible=eligible,
+            client=client,
+            uid=uid,
+            prompt_tokens=tokens,
+            accepted_at=now,
+            deadline=now + timeout,
+            pick=pick,
+        )
+
+    def cancel(self, job: Job, reason: DispatcherError | None = None) -> None:
+        """Stop a job wherever it is; it gets ``reason`` (default: cancelled) as its answer."""
+        if job.outcome is not None:
+            return
+        job.stop = reason or Cancelled("the job was cancelled")
+        if job.state in ("queued", "retrying") and self.queue.remove(job):
+            self._finish(job, job.stop)
+        elif job.provider is not None:
+            self.actors[job.provider].cancel(job.id)
+        self._poke()
+
+    async def wait_idle(self) -> None:
+        """Return once no job is queued or running."""
+        await self._idle.wait()
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a new configuration (SIGHUP); jobs already accepted keep their routes."""
+        self.config = config
+
+    def after_reconfigure(self) -> None:
+        """Fail queued jobs that no provider can take any more; wake the planner."""
+        self._fail_stranded("the configuration changed")
+        self._poke()
+
+    def lookup(self, job_id: str) -> Job | None:
+        return self.active.get(job_id) or self.finished.get(job_id)
+
+    # -- provider side -----------------------------------------------------------------
+
+    def on_outcome(self, job: Job, provider: str, outcome: Outcome) -> None:
+        """An attempt ended: success, a failure to judge, or no outcome (stopped, handed back)."""
+        now = self.clock()
+        limits = self.limits[provider]
+        limits.release(job.id)
+        job.provider = None
+        self._poke()
+        if isinstance(outcome, Answer):
+            self._on_success(job, provider, limits, outcome, now)
+        elif isinstance(outcome, UpstreamError):
+            self._on_failure(job, provider, limits, outcome, now)
+        elif job.stop is not None:
+            self._finish(job, job.stop)
+        else:
+            job.handbacks += 1
+            job.attempts -= 1
+            if job.handbacks > MAX_HANDBACKS:
+                self._finish(
+                    job, InternalError(f"{provider} crashed {job.handbacks} times on this job")
+                )
+            else:
+                self._requeue(job)
+
+    def _on_success(
+        self, job: Job, provider: str, limits: ProviderLimits, answer: Answer, now: float
+    ) -> None:
+        limits.ok += 1
+        limits.observe_latency(answer.latency_s)
+        limits.circuit.on_success(limits.config.concurrency)
+        limits.learn_from_success()
+        info = answer.ratelimit
+        if info is not None and info.remaining == 0 and info.reset_s:
+            limits.block(now + info.reset_s)
+        body = answer.answer
+        request = job.request
+        result = Result(
+            id=request.id,
+            job=job.id,
+            provider=provider,
+            model=body.model or limits.config.model,
+            class_=job.klass,
+            usage=body.usage,
+            latency_ms=round((now - job.accepted_at) * 1000, 3),
+            attempts=job.attempts,
+        )
+        if isinstance(request, ChatRequest):
+            result.content = getattr(body, "content", "")
+            result.reasoning = getattr(body, "reasoning", None)
+        else:
+            result.embeddings = getattr(body, "embeddings", [])
+        self._finish(job, result)
+
+    def _on_failure(
+        self, job: Job, provider: str, limits: ProviderLimits, error: UpstreamError, now: float
+    ) -> None:
+        limits.failed += 1
+        if error.kind == "rate_limited":
+            limits.rate_limited += 1
+            wait = error.retry_after_s
+            if wait is None:
+                wait = policy.backoff_s(1, self.config.retry, self.rng)
+            limits.block(now + wait)
+            limits.learn_from_429(now)
+        elif error.kind == "auth":
+            self._disable(
+                provider,
+                f"the key was refused (HTTP {error.status}); check {self._key_hint(provider)} and reload",
+            )
+        elif error.counts_against_provider and job.stop is None and limits.circuit.on_failure(now):
+            log.warning("circuit.open", provider=provider, reason=error.short())
+        log.info(
+            "attempt.failed", job=job.id, provider=provider, kind=error.kind, reason=error.short()
+        )
+        if job.stop is not None:
+            self._finish(job, job.stop)
+            return
+        final = policy.judge_failure(job, provider, error, now, self.config.retry, self.rng)
+        if final is not None:
+            self._finish(job, final)
+        else:
+            self._requeue(job)
+
+    def _requeue(self, job: Job) -> None:
+        job.state = "retrying"
+        self.queue.push(job, front=True)
+
+    def _disable(self, provider: str, problem: str) -> None:
+        limits = self.limits[provider]
+        if limits.enabled:
+            limits.enabled, limits.problem = False, problem
+            log.error("provider.disabled", provider=provider, problem=problem)
+        self._fail_stranded(f"{provider}: {problem}")
+
+    def _fail_stranded(self, why: str) -> None:
+        per_provider = self.config.retry.per_provider
+        stranded = [
+            job
+            for job in self.queue
+            if not any(
+                name in self.limits and self.limits[name].enabled
+                for name in job.candidates(per_provider)
+            )
+        ]
+        for job in stranded:
+            self.queue.remove(job)
+            self._finish(job, NoProvider(f"no provider is left for this job ({why})"))
+
+    def _key_hint(self, provider: str) -> str:
+        config = self.config.providers[provider]
+        if config.api_key_env:
+            return f"${config.api_key_env}"
+        if config.api_key_file:
+            return f"the key file {config.api_key_file}"
+        return "its key"
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self._wakeup = anyio.Event()
+            self.turns += 1
+            now = self.clock()
+            self._expire(now)
+            wake_at = self._dispatch(now)
+            if self._deadlines:
+                first = self._deadlines[0][0]
+                wake_at = first if wake_at is None else min(wake_at, first)
+            delay = MAX_IDLE_WAIT_S if wake_at is None else min(MAX_IDLE_WAIT_S, wake_at - now)
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._wakeup.wait()
+            else:
+                await anyio.lowlevel.checkpoint()
+
+    def _poke(self) -> None:
+        self._wakeup.set()
+
+    def _dispatch(self, now: float) -> float | None:
+        decided = policy.plan(
+            self.queue, self.limits, now, per_provider=self.config.retry.per_provider
+        )
+        for job in decided.expired:
+            self.queue.remove(job)
+            self._finish(job, self._timeout_error(job, "could not start before its deadline"))
+        for job, name in decided.assign:
+            self.queue.remove(job, served=True)
+            self.limits[name].reserve(job.id, now)
+            job.state, job.provider = "running", name
+            job.attempts += 1
+            if not self.actors[name].deliver(job):
+                self.limits[name].release(job.id)
+                job.attempts -= 1
+                job.provider = None
+                self._requeue(job)
+        return decided.wake_at
+
+    def _expire(self, now: float) -> None:
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, job = heapq.heappop(heap)
+            if job.outcome is None:
+                self.cancel(job, self._timeout_error(job, "did not finish before its deadline"))
+
+    def _timeout_error(self, job: Job, what: str) -> Timeout:
+        limit = job.request.timeout_s or DEFAULT_TIMEOUT_S
+        tried = f" after {policy.describe_attempts(job)}" if job.history else ""
+        return Timeout(
+            f"the job {what} ({limit:g} s, set with timeout_s){tried}; "
+            "raise timeout_s or retry when the providers are less busy"
+        )
+
+    def _finish(self, job: Job, outcome: Result | DispatcherError) -> None:
+        if not job.finish(outcome):
+            return
+        self.active.pop(job.id, None)
+        if not self.active:
+            self._idle.set()
+        self.finished[job.id] = job
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        if isinstance(outcome, Result):
+            self.jobs_done += 1
+            log.info(
+                "job.done",
+                job=job.id,
+                cls=job.klass,
+                provider=outcome.provider,
+                attempts=outcome.attempts,
+                latency_ms=outcome.latency_ms,
+                tokens=outcome.usage.total_tokens,
+                client=job.client,
+            )
+        else:
+            self.jobs_failed += 1
+            log.warning(
+                "job.failed",
+                job=job.id,
+                cls=job.klass,
+                code=outcome.code,
+                attempts=job.attempts,
+                reason=outcome.message,
+                client=job.client,
+            )
+
+    def _drain_estimate_s(self) -> float:
+        """A rough retry-after hint: how long the queue takes at the current capacity."""
+        rate = sum(
+            limits.config.concurrency / max(limits.latency_s, 0.001)
+            for limits in self.limits.values()
+            if limits.enabled
+        )
+        return round(min(300.0, len(self.queue) / rate), 1) if rate else 60.0
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self, request_id: str | None = None) -> Status:
+        now = self.clock()
+        providers = {}
+        for name, limits in self.limits.items():
+            bucket = limits.bucket
+            providers[name] = ProviderStatus(
+                state=_state(limits, now),
+                kind=limits.config.kind,
+                in_flight=limits.in_flight,
+                queued=self.queue.count_provider(name),
+                concurrency=limits.config.concurrency,
+                rpm=limits.config.rpm,
+                tokens=bucket.available(now) if bucket.rpm else None,
+                latency_ms=round(limits.latency_s * 1000, 1),
+                ok=limits.ok,
+                failed=limits.failed,
+                rate_limited=limits.rate_limited,
+                learned_rpm=None if limits.learner is None else limits.learner.rpm,
+                circuit=limits.circuit.state,
+                blocked_for_s=round(max(0.0, limits.blocked_until - now), 3),
+                problem=limits.problem,
+            )
+        return Status(
+            id=request_id,
+            providers=providers,
+            queued=len(self.queue),
+            running=sum(limits.in_flight for limits in self.limits.values()),
+            uptime_s=round(now - self.started_at, 3),
+            classes=self.queue.classes(),
+            jobs_done=self.jobs_done,
+            jobs_failed=self.jobs_failed,
+        )
+
+    def running_jobs(self) -> Iterator[Job]:
+        return (job for job in self.active.values() if job.state == "running")
+
+
+def _state(limits: ProviderLimits, now: float) -> str:
+    if not limits.enabled:
+        return "disabled"
+    if limits.circuit.state != "closed":
+        return limits.circuit.state
+    if now < limits.blocked_until:
+        return "rate_limited"
+    if limits.in_flight >= limits.config.concurrency:
+        return "busy"
+    return "ready"

@@ -1,0 +1,362 @@
+"""The Unix socket front: NDJSON requests in, replies out, one task per connection.
+
+Resource handling: each connection owns a task group holding one task per
+request in flight; when the client goes away the group is cancelled and every
+job it was waiting for is cancelled upstream (detached jobs go on).
+
+Error handling: a bad line gets an ``error`` reply for that line and the
+connection stays usable; a line over ``max_frame_bytes`` gets
+``frame_too_large`` and the connection is closed, since the rest of that line
+cannot be told apart from the next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import itertools
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from dispatcher.config import DaemonConfig
+from dispatcher.errors import (
+    DispatcherError,
+    FrameTooLarge,
+    InternalError,
+    Overloaded,
+    UnknownJob,
+)
+from dispatcher.jobs import Job
+from dispatcher.protocol import (
+    Accepted,
+    CancelRequest,
+    ChatRequest,
+    Chunk,
+    EmbedRequest,
+    Pending,
+    PingRequest,
+    Pong,
+    Reply,
+    RequestDecoder,
+    RequestError,
+    Result,
+    ResultRequest,
+    StatusRequest,
+    encode_line,
+    error_reply,
+)
+from dispatcher.scheduler import Scheduler
+
+log = structlog.get_logger("dispatcher.server")
+
+WRITE_TIMEOUT_S = 30.0  # a client that reads nothing for this long is dropped
+PARTIAL_LINE_TIMEOUT_S = 30.0  # a started line must be finished within this
+ROOT_UID = 0
+
+
+class Server:
+    """Accepts connections on one listening Unix socket. ``__init__`` does no I/O."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        config: DaemonConfig,
+        path: str,
+        *,
+        inherited: socket.socket | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.config = config
+        self.path = path
+        self._inherited = inherited
+        self._ids = itertools.count(1)
+        self.connections: set[Connection] = set()
+        self._accepting = anyio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"<Server {self.path} connections {len(self.connections)}/{self.config.max_connections}>"
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        sock = self._inherited or bind_unix_socket(
+            self.path, int(self.config.socket_mode, 8), self.config.socket_group
+        )
+        listener = await SocketListener.from_socket(sock)
+        try:
+            async with anyio.create_task_group() as tg:
+                with self._accepting:
+                    task_status.started()
+                    async with listener:
+                        await listener.serve(self._handle, task_group=tg)
+        finally:
+            if self._inherited is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; connections already open keep being served."""
+        self._accepting.cancel()
+        if self._inherited is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    async def _handle(self, stream: SocketStream) -> None:
+        uid = peer_uid(stream)
+        conn = Connection(self, stream, uid, next(self._ids))
+        if len(self.connections) >= self.config.max_connections:
+            await conn.send(
+                error_reply(None, Overloaded("too many connections; retry later", retry_after_s=1))
+            )
+            await stream.aclose()
+            return
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+
+class Connection:
+    """One client connection: reads lines, runs requests, writes replies in completion order."""
+
+    def __init__(self, server: Server, stream: SocketStream, uid: int, number: int) -> None:
+        self.server = server
+        self.scheduler = server.scheduler
+        self.stream = stream
+        self.uid = uid
+        self.client = f"{uid}:{number}"
+        self.jobs: dict[str, Job] = {}  # request id -> job, for cancel
+        self._lock = anyio.Lock()
+        self._closed = False
+        self._scope: anyio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.client} jobs {len(self.jobs)}>"
+
+    async def serve(self) -> None:
+        config = self.server.config
+        reader = BufferedByteReceiveStream(self.stream)
+        decoder = RequestDecoder()
+        async with anyio.create_task_group() as tg:
+            self._scope = tg.cancel_scope
+            while not self._closed:
+                try:
+                    line = await self._read_line(reader, config.max_frame_bytes)
+                except anyio.DelimiterNotFound:
+                    await self.send(
+                        error_reply(
+                            None,
+                            FrameTooLarge(
+                                f"a line exceeded max_frame_bytes ({config.max_frame_bytes:,} "
+                                "bytes); split the work into smaller requests"
+                            ),
+                        )
+                    )
+                    break
+                except (
+                    anyio.EndOfStream,
+                    anyio.IncompleteRead,
+                    anyio.BrokenResourceError,
+                    anyio.ClosedResourceError,
+                    OSError,
+                ):
+                    break
+                if line is None:
+                    break
+                if line.strip():
+                    self._dispatch(line, decoder, tg)
+            tg.cancel_scope.cancel()
+
+    async def _read_line(self, reader: BufferedByteReceiveStream, limit: int) -> bytes | None:
+        """The next line; None when the connection should close for idleness or a stalled line."""
+        while True:
+            with anyio.move_on_after(self._idle_limit(reader)) as scope:
+                return await reader.receive_until(b"\n", limit)
+            if scope.cancelled_caught and (reader.buffer or not self.jobs):
+                return None
+
+    def _idle_limit(self, reader: BufferedByteReceiveStream) -> float:
+        return PARTIAL_LINE_TIMEOUT_S if reader.buffer else self.server.config.idle_timeout_s
+
+    def _dispatch(self, line: bytes, decoder: RequestDecoder, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            request = decoder.decode(line)
+        except RequestError as exc:
+            tg.start_soon(self.send, error_reply(exc.request_id, exc))
+            return
+        match request:
+            case ChatRequest() | EmbedRequest():
+                if request.id in self.jobs:
+                    error = RequestError(
+                        f"id {request.id!r} is already in flight on this connection; "
+                        "use a new id per request",
+                        request_id=request.id,
+                    )
+                    tg.start_soon(self.send, error_reply(request.id, error))
+                else:
+                    tg.start_soon(self._run_job, request)
+            case CancelRequest():
+                tg.start_soon(self.send, self._cancel(request))
+            case ResultRequest():
+                tg.start_soon(self._result, request)
+            case StatusRequest():
+                tg.start_soon(self.send, self.scheduler.status(request.id))
+            case PingRequest():
+                tg.start_soon(self.send, Pong(id=request.id))
+
+    async def _run_job(self, request: ChatRequest | EmbedRequest) -> None:
+        stream = isinstance(request, ChatRequest) and request.stream
+        try:
+            job = self.scheduler.submit(
+                request,
+                client=self.client,
+                uid=self.uid,
+                on_chunk=self._send_chunk if stream else None,
+            )
+        except DispatcherError as exc:
+            await self.send(error_reply(request.id, exc))
+            return
+        if request.detach:
+            await self.send(Accepted(id=request.id, job=job.id))
+            return
+        self.jobs[request.id] = job
+        try:
+            await _wait_final(job)
+        finally:
+            self.jobs.pop(request.id, None)
+            if job.outcome is None:
+                self.scheduler.cancel(job)  # the client left; stop the work upstream
+        await self.send(reply_for(job, request.id))
+
+    def _cancel(self, request: CancelRequest) -> Reply:
+        job = self.jobs.get(request.target)
+        if job is None:
+            found = self.scheduler.lookup(request.target)
+            job = found if found is not None and self._may_see(found) else None
+        if job is None:
+            return error_reply(
+                request.id,
+                UnknownJob(
+                    f"nothing to cancel: {request.target!r} is neither a request in flight "
+                    "on this connection nor one of your jobs"
+                ),
+            )
+        self.scheduler.cancel(job)
+        return Accepted(id=request.id, job=job.id)
+
+    async def _result(self, request: ResultRequest) -> None:
+        job = self.scheduler.lookup(request.job)
+        if job is None or not self._may_see(job):
+            await self.send(
+                error_reply(
+                    request.id,
+                    UnknownJob(
+                        f"no job {request.job!r}; it may have expired or belong to another user"
+                    ),
+                )
+            )
+            return
+        if job.outcome is None and not request.wait:
+            await self.send(Pending(id=request.id, job=job.id, state=job.state))
+            return
+        await _wait_final(job)
+        await self.send(reply_for(job, request.id))
+
+    def _may_see(self, job: Job) -> bool:
+        return self.uid in (job.uid, ROOT_UID)
+
+    async def _send_chunk(self, chunk: Chunk) -> None:
+        await self.send(chunk)
+
+    async def send(self, reply: Reply) -> bool:
+        """Write one reply; on a dead or stuck client, close the connection and return False."""
+        if self._closed:
+            return False
+        data = encode_line(reply)
+        try:
+            async with self._lock:
+                with anyio.fail_after(WRITE_TIMEOUT_S):
+                    await self.stream.send(data)
+        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.close()
+            return False
+        return True
+
+    def close(self) -> None:
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+async def _wait_final(job: Job) -> None:
+    """Wait for the job's one final answer; the scheduler guarantees it by the job's deadline."""
+    limit = None if job.deadline is None else job.deadline - job.accepted_at + 60.0
+    with anyio.fail_after(limit):
+        await job.done.wait()
+
+
+def reply_for(job: Job, request_id: str) -> Reply:
+    outcome = job.outcome
+    if isinstance(outcome, Result):
+        return msgspec.structs.replace(outcome, id=request_id)
+    if isinstance(outcome, DispatcherError):
+        return error_reply(request_id, outcome, job=job.id)
+    return error_reply(request_id, InternalError("the job has no answer yet"), job=job.id)
+
+
+def peer_uid(stream: SocketStream) -> int:
+    """The connecting process's uid (SO_PEERCRED); -1 when the platform cannot tell."""
+    try:
+        sock = stream.extra(SocketAttribute.raw_socket)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError, anyio.TypedAttributeLookupError):
+        return -1
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def bind_unix_socket(path: str, mode: int, group: str | None) -> socket.socket:
+    """Bind and listen, with the mode applied before anyone can connect.
+
+    Creates the parent directory, replaces a stale socket file left by a crash,
+    and refuses to steal the socket of a daemon that is still running.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        if not stat.S_ISSOCK(target.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket; remove it or choose another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            target.unlink()  # stale: nobody is listening
+        else:
+            raise OSError(f"another dispatcher is already serving on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)  # the file is born with the right mode: no race
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

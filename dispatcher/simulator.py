@@ -1,0 +1,858 @@
+"""Fake OpenAI-compatible LLM providers: aiohttp servers on 127.0.0.1 with fault hooks.
+
+Each :class:`FakeProvider` behaves like one free-tier provider of SEED.md: it answers
+chat completions (plain or streamed as SSE) or embeddings in the OpenAI wire format,
+sleeps its service time while holding a concurrency slot, and enforces its hard
+limits (concurrency, requests per sliding window, tokens per day) by answering 429
+with ``Retry-After``. Tests script faults (an error status, a hang, a reset, a stream
+cut short, extra latency) or draw them at seeded random rates. :class:`Simulator`
+runs the five SEED providers at once, latencies multiplied by a time scale; it backs
+``dispatcher serve --simulate`` and the benchmarks.
+
+Order of checks for every request: method and path (405/404), auth (401), body (400),
+scripted fault, else down, else random fault, then concurrency (429), requests per
+window (429), tokens per day (429), then the answer. A request that gets 429 does not
+count toward the window nor spend tokens.
+
+Resource handling: ``start()`` binds the listening socket; ``aclose()`` (or leaving
+``async with``) wakes every hung or sleeping request, drops its connection, and waits
+for the handlers to end, so shutdown is prompt and clean with requests still open.
+A client that disconnects cancels its handler, which frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import math
+import random
+import re
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Literal, Self
+
+import anyio
+import msgspec
+from aiohttp import web
+
+__all__ = [
+    "SEED_BEHAVIOURS",
+    "Behaviour",
+    "FakeProvider",
+    "Fault",
+    "ProviderStats",
+    "Simulator",
+    "estimate_tokens",
+]
+
+KEEP_LAST: Final = 1000
+"""How many request bodies and header sets :class:`ProviderStats` keeps."""
+
+DAY_S: Final = 86_400.0
+_SHUTDOWN_TIMEOUT_S: Final = 5.0
+_WORDS_PER_CHUNK: Final = 4
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder()
+
+
+class Behaviour(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How one fake provider behaves; times are already multiplied by the time scale."""
+
+    name: str
+    kind: Literal["chat", "embed"] = "chat"
+    model: str = "fake-model"
+    latency_s: float = 0.0
+    """Mean service time of a non-streamed answer."""
+    jitter: float = 0.0
+    """Relative +- uniform jitter on the latency, e.g. 0.1."""
+    concurrency: int = 0
+    """0 = unlimited; a request beyond it gets 429 at once."""
+    rpm: int = 0
+    """0 = unlimited; more than ``rpm`` accepted requests in any ``window_s`` window -> 429."""
+    window_s: float = 60.0
+    daily_tokens: int = 0
+    """0 = unlimited; input tokens accepted per day (embeddings input, chat prompt)."""
+    thinking: bool = False
+    """Whether the provider returns reasoning when asked for it."""
+    api_key: str | None = None
+    """If set, a request without ``Authorization: Bearer <api_key>`` gets 401."""
+    stream_chunk_interval_s: float = 0.0
+    """Delay between SSE chunks; 0 spreads ``latency_s`` over the chunks."""
+    embed_dims: int = 1024
+    seed: int = 0
+
+
+class Fault(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One misbehaviour applied to one request."""
+
+    kind: Literal["status", "hang", "reset", "drop_midstream", "slow"]
+    status: int = 500
+    """For ``kind="status"``: the status answered at once."""
+    retry_after: float | None = None
+    """Adds a ``Retry-After`` header (seconds, fractions kept) to a status fault."""
+    after_chunks: int = 1
+    """drop_midstream: drop the connection after this many content chunks."""
+    delay_s: float = 0.0
+    """slow: extra latency."""
+
+
+@dataclass(slots=True)
+class ProviderStats:
+    """Counters of one fake provider, mutated as requests arrive and end."""
+
+    requests: int = 0
+    """Every HTTP request received, faulted ones included."""
+    ok: int = 0
+    """2xx answers completed (a stream counts once it has sent ``[DONE]``)."""
+    rate_limited: int = 0
+    """429s answered, by limit enforcement, script, down or random fault."""
+    errors: int = 0
+    """Other non-2xx answered."""
+    dropped: int = 0
+    """Connections dropped without a complete answer (hang, reset, drop_midstream, shutdown)."""
+    in_flight: int = 0
+    """Requests inside the handler now, rejected ones included for their short stay."""
+    max_in_flight: int = 0
+    """Highest ``in_flight`` seen: how much concurrency the clients offered."""
+    serving: int = 0
+    """Requests admitted and holding a concurrency slot now."""
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    """Decoded JSON object bodies received (the last :data:`KEEP_LAST`)."""
+    headers: list[dict[str, str]] = field(default_factory=list)
+    """Request headers as received (the last :data:`KEEP_LAST`)."""
+    times: list[float] = field(default_factory=list)
+    """``time.monotonic()`` arrival of every request."""
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+
+
+_CJK_RE: Final = re.compile(
+    "[\u1100-\u11ff\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u31ff"
+    "\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]"
+)
+_PIECE_RE: Final = re.compile(r"(?<=\s)(?=\S)")
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimate tokens as one per CJK character plus ceil(other characters / 4)."""
+    cjk = len(_CJK_RE.findall(text))
+    return cjk + math.ceil((len(text) - cjk) / 4)
+
+
+def _retry_after_s(seconds: float) -> int:
+    """Whole seconds until capacity frees, rounded up, at least 1."""
+    return max(1, math.ceil(seconds))
+
+
+def _format_seconds(seconds: float) -> str:
+    """A ``Retry-After`` value: an integer when whole, else the fraction as given."""
+    return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
+
+
+def _split_pieces(text: str, words: int = _WORDS_PER_CHUNK) -> list[str]:
+    """Split ``text`` into pieces of about ``words`` words that join back to ``text``."""
+    parts = [p for p in _PIECE_RE.split(text) if p]
+    return ["".join(parts[i : i + words]) for i in range(0, len(parts), words)]
+
+
+def _message_text(content: object) -> str:
+    """The text of a message ``content``: a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def _thinking_requested(body: Mapping[str, Any]) -> bool:
+    """Whether the body asks for reasoning, zhipu style or nvidia style."""
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        return True
+    kwargs = body.get("chat_template_kwargs")
+    return isinstance(kwargs, dict) and bool(kwargs.get("enable_thinking"))
+
+
+def _embedding(text: str, dims: int, seed: int) -> list[float]:
+    """A deterministic unit vector for ``text``."""
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "big"))
+    vector = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    norm = math.sqrt(math.fsum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    """An OpenAI-style error body."""
+    if status == 429:
+        kind, code = "rate_limit_error", "rate_limit_exceeded"
+    elif status == 401:
+        kind, code = "invalid_request_error", "invalid_api_key"
+    elif status < 500:
+        kind, code = "invalid_request_error", "invalid_request"
+    else:
+        kind, code = "server_error", "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class _SlidingWindow:
+    """Arrival times of accepted requests in the last ``window_s`` seconds."""
+
+    __slots__ = ("_times", "limit", "window_s")
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._times: collections.deque[float] = collections.deque()
+
+    def _expire(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.window_s:
+            self._times.popleft()
+
+    def used(self, now: float) -> int:
+        self._expire(now)
+        return len(self._times)
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until one more request fits; 0 when it fits now."""
+        if self.limit <= 0 or self.used(now) < self.limit:
+            return 0.0
+        return self._times[0] + self.window_s - now
+
+    def record(self, now: float) -> None:
+        self._times.append(now)
+
+    def __repr__(self) -> str:
+        return f"{len(self._times)}/{self.limit} per {self.window_s:g}s"
+
+
+class _Rejection(msgspec.Struct, frozen=True):
+    status: int
+    message: str
+    headers: dict[str, str] = {}
+
+
+class _Dropped(Exception):
+    """Internal: the connection was dropped without a complete answer."""
+
+
+# ---------------------------------------------------------------------------
+# The fake provider
+
+
+class FakeProvider:
+    """One fake OpenAI-compatible provider served by aiohttp.
+
+    Construct it without I/O, then ``async with provider:`` (or ``await start()`` and
+    ``await aclose()``). ``url`` is the chat (or embeddings) URL once started.
+    """
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.stats = ProviderStats()
+        self._script: collections.deque[Fault] = collections.deque()
+        self._down: int | None = None
+        self._rates: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 0.0)
+        self._fault_rng = random.Random(behaviour.seed)
+        self._latency_rng = random.Random(behaviour.seed + 1)
+        self._window = _SlidingWindow(behaviour.rpm, behaviour.window_s)
+        self._slot_ends: dict[int, float] = {}
+        self._day_start = time.monotonic()
+        self._tokens_today = 0
+        self._ids = 0
+        self._runner: web.AppRunner | None = None
+        self._base_url: str | None = None
+        self._closing: anyio.Event | None = None
+        self._changed: anyio.Event | None = None
+
+    # -- control hooks -----------------------------------------------------
+
+    def script(self, *faults: Fault) -> None:
+        """Queue faults for the next requests, one each, first in first out."""
+        self._script.extend(faults)
+
+    def set_fault_rates(
+        self,
+        *,
+        status_500: float = 0.0,
+        status_429: float = 0.0,
+        retry_after: float = 1.0,
+        status_503: float = 0.0,
+    ) -> None:
+        """Answer 500, 429 (with ``Retry-After: retry_after``) or 503 at these rates."""
+        if min(status_500, status_429, status_503) < 0 or status_500 + status_429 + status_503 > 1:
+            raise ValueError("fault rates must be >= 0 and sum to at most 1")
+        self._rates = (status_500, status_429, retry_after, status_503)
+
+    def set_down(self, status: int | None) -> None:
+        """``None`` = healthy; else every request is answered with ``status``."""
+        self._down = status
+
+    async def wait_until(self, predicate: Callable[[ProviderStats], bool]) -> None:
+        """Wait until ``predicate(stats)`` holds; stats are re-checked on every change."""
+        while not predicate(self.stats):
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The chat completions (or embeddings) URL; only once started."""
+        path = "/chat/completions" if self.behaviour.kind == "chat" else "/embeddings"
+        return self.base_url + path
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``; only once started."""
+        if self._base_url is None:
+            raise RuntimeError(f"fake provider {self.behaviour.name!r} is not started")
+        return self._base_url
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Bind and serve on ``host:port`` (0 = ephemeral); return :attr:`url`."""
+        if self._runner is not None:
+            raise RuntimeError(f"fake provider {self.behaviour.name!r} is already started")
+        self._closing = anyio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            bound_host, bound_port = runner.addresses[0][:2]
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._base_url = f"http://{bound_host}:{bound_port}/v1"
+        return self.url
+
+    async def aclose(self) -> None:
+        """Drop every open request and stop serving; safe to call twice."""
+        runner, self._runner = self._runner, None
+        if self._closing is not None:
+            self._closing.set()
+        if runner is not None:
+            await runner.cleanup()
+        self._base_url = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        b = self.behaviour
+        where = self._base_url or "stopped"
+        slots = f"{self.stats.serving}/{b.concurrency or 'inf'}"
+        return (
+            f"<FakeProvider {b.name} {where} slots {slots} window {self._window!r}"
+            f" requests {self.stats.requests} script {len(self._script)}"
+            f" down {self._down}>"
+        )
+
+    # -- request handling --------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _count(self, status: int) -> None:
+        if status == 429:
+            self.stats.rate_limited += 1
+        elif status >= 300:
+            self.stats.errors += 1
+        else:
+            self.stats.ok += 1
+
+    def _json(
+        self, status: int, obj: object, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        self._count(status)
+        return web.Response(
+            status=status,
+            body=_encoder.encode(obj),
+            content_type="application/json",
+            headers=headers,
+        )
+
+    def _error(
+        self, status: int, message: str, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        return self._json(status, _error_body(status, message), headers)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        stats.times.append(time.monotonic())
+        stats.headers.append(dict(request.headers))
+        del stats.headers[:-KEEP_LAST]
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        self._notify()
+        try:
+            return await self._respond(request)
+        except _Dropped:
+            stats.dropped += 1
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)  # never reaches the peer: the transport is gone
+        finally:
+            stats.in_flight -= 1
+            self._notify()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``; raise :class:`_Dropped` if the server closes meanwhile."""
+        assert self._closing is not None
+        if seconds <= 0:
+            if self._closing.is_set():
+                raise _Dropped
+            return
+        with anyio.move_on_after(seconds):
+            await self._closing.wait()
+            raise _Dropped
+
+    async def _respond(self, request: web.Request) -> web.StreamResponse:
+        b = self.behaviour
+        if request.method != "POST":
+            return self._error(405, f"method {request.method} not allowed")
+        suffix = "/chat/completions" if b.kind == "chat" else "/embeddings"
+        if not request.path.endswith(suffix):
+            return self._error(404, f"no route for {request.path}")
+
+        raw = await request.read()
+        try:
+            body: Any = _decoder.decode(raw)
+        except msgspec.DecodeError:
+            body = None
+        if isinstance(body, dict):
+            self.stats.bodies.append(body)
+            del self.stats.bodies[:-KEEP_LAST]
+
+        if b.api_key is not None and request.headers.get("Authorization") != f"Bearer {b.api_key}":
+            return self._error(401, "invalid api key")
+        invalid = self._validate(body)
+        if invalid is not None:
+            return self._error(400, invalid)
+
+        extra_delay_s = 0.0
+        drop_after: int | None = None
+        match self._next_fault():
+            case Fault(kind="status", status=status, retry_after=retry_after):
+                headers = (
+                    {} if retry_after is None else {"Retry-After": _format_seconds(retry_after)}
+                )
+                return self._error(status, f"scripted fault {status}", headers)
+            case Fault(kind="hang"):
+                assert self._closing is not None
+                await self._closing.wait()
+                raise _Dropped
+            case Fault(kind="reset"):
+                raise _Dropped
+            case Fault(kind="drop_midstream", after_chunks=after_chunks):
+                if not body.get("stream"):
+                    raise _Dropped
+                drop_after = after_chunks
+            case Fault(kind="slow", delay_s=delay_s):
+                extra_delay_s = delay_s
+            case None:
+                pass
+
+        now = time.monotonic()
+        tokens = self._input_tokens(body)
+        rejection = self._admit(now, tokens)
+        if rejection is not None:
+            return self._error(rejection.status, rejection.message, rejection.headers)
+
+        self._ids += 1
+        request_id = self._ids
+        latency_s = self._latency_s() + extra_delay_s
+        self._window.record(now)
+        self._tokens_today += tokens
+        self._slot_ends[request_id] = now + latency_s
+        self.stats.serving += 1
+        self._notify()
+        try:
+            if b.kind == "embed":
+                await self._pause(latency_s)
+                return self._embeddings_answer(body, tokens)
+            if body.get("stream"):
+                return await self._stream_answer(request, body, request_id, latency_s, drop_after)
+            await self._pause(latency_s)
+            return self._chat_answer(body, request_id)
+        finally:
+            del self._slot_ends[request_id]
+            self.stats.serving -= 1
+            self._notify()
+
+    def _validate(self, body: object) -> str | None:
+        """Why ``body`` is not a valid request of this provider's kind, or None."""
+        if not isinstance(body, dict):
+            return "request body must be a JSON object"
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return "model is required"
+        if self.behaviour.kind == "embed":
+            given = body.get("input")
+            inputs = [given] if isinstance(given, str) else given
+            if (
+                not isinstance(inputs, list)
+                or not inputs
+                or not all(isinstance(x, str) and x for x in inputs)
+            ):
+                return "input must be a non-empty string or a non-empty list of them"
+            if body.get("encoding_format", "float") not in ("float", "base64"):
+                return "encoding_format must be 'float' or 'base64'"
+            return None
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "messages must be a non-empty list"
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            return "every message must be an object with a role"
+        for key in ("max_tokens", "max_completion_tokens"):
+            limit = body.get(key)
+            if limit is not None and (type(limit) is not int or limit < 1):
+                return f"{key} must be a positive integer"
+        if not isinstance(body.get("stream", False), bool):
+            return "stream must be a boolean"
+        return None
+
+    def _next_fault(self) -> Fault | None:
+        """The scripted fault, else the down status, else a random fault, else None."""
+        if self._script:
+            return self._script.popleft()
+        if self._down is not None:
+            return Fault(kind="status", status=self._down)
+        status_500, status_429, retry_after, status_503 = self._rates
+        if status_500 or status_429 or status_503:
+            draw = self._fault_rng.random()
+            if draw < status_500:
+                return Fault(kind="status", status=500)
+            if draw < status_500 + status_429:
+                return Fault(kind="status", status=429, retry_after=retry_after)
+            if draw < status_500 + status_429 + status_503:
+                return Fault(kind="status", status=503)
+        return None
+
+    def _input_tokens(self, body: Mapping[str, Any]) -> int:
+        if self.behaviour.kind == "embed":
+            given = body["input"]
+            inputs: list[str] = [given] if isinstance(given, str) else given
+            return sum(estimate_tokens(x) for x in inputs)
+        return sum(estimate_tokens(_message_text(m.get("content"))) for m in body["messages"])
+
+    def _admit(self, now: float, tokens: int) -> _Rejection | None:
+        """Concurrency, then requests per window, then tokens per day; None = admitted."""
+        b = self.behaviour
+        if b.concurrency and self.stats.serving >= b.concurrency:
+            frees_in = min(self._slot_ends.values(), default=now) - now
+            return _Rejection(
+                429,
+                f"concurrency limit {b.concurrency} reached",
+                {"Retry-After": str(_retry_after_s(frees_in)), **self._rate_headers(now)},
+            )
+        wait_s = self._window.wait_s(now)
+        if wait_s > 0:
+            return _Rejection(
+                429,
+                f"rate limit {b.rpm} requests per {b.window_s:g} s reached",
+                {"Retry-After": str(_retry_after_s(wait_s)), **self._rate_headers(now)},
+            )
+        if b.daily_tokens:
+            if now - self._day_start >= DAY_S:
+                self._day_start += DAY_S * ((now - self._day_start) // DAY_S)
+                self._tokens_today = 0
+            if self._tokens_today + tokens > b.daily_tokens:
+                resets_in = self._day_start + DAY_S - now
+                return _Rejection(
+                    429,
+                    f"daily token limit {b.daily_tokens} reached",
+                    {"Retry-After": str(_retry_after_s(resets_in)), **self._rate_headers(now)},
+                )
+        return None
+
+    def _rate_headers(self, now: float) -> dict[str, str]:
+        b = self.behaviour
+        if not b.rpm:
+            return {}
+        return {
+            "x-ratelimit-limit-requests": str(b.rpm),
+            "x-ratelimit-remaining-requests": str(max(0, b.rpm - self._window.used(now))),
+        }
+
+    def _latency_s(self) -> float:
+        b = self.behaviour
+        if not b.jitter:
+            return b.latency_s
+        return max(0.0, b.latency_s * (1.0 + self._latency_rng.uniform(-b.jitter, b.jitter)))
+
+    # -- answers -----------------------------------------------------------
+
+    def _compose(self, body: Mapping[str, Any]) -> tuple[str, str | None, str]:
+        """Content, reasoning (or None) and finish reason for a chat request."""
+        b = self.behaviour
+        text = ""
+        for message in reversed(body["messages"]):
+            if message.get("role") == "user":
+                text = _message_text(message.get("content"))
+                break
+        content = f"[{b.name}] {b.model} answers: {text[:80]}"
+        finish_reason = "stop"
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        if limit is not None and len(content.split()) > limit:
+            content = " ".join(content.split()[:limit])
+            finish_reason = "length"
+        reasoning = None
+        if b.thinking and _thinking_requested(body):
+            reasoning = f"[{b.name}] thinking step by step about: {text[:40]}"
+        return content, reasoning, finish_reason
+
+    def _usage(
+        self, body: Mapping[str, Any], content: str, reasoning: str | None
+    ) -> dict[str, int]:
+        prompt = self._input_tokens(body)
+        completion = estimate_tokens(content) + estimate_tokens(reasoning or "")
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _answer_headers(self) -> dict[str, str]:
+        return self._rate_headers(time.monotonic())
+
+    def _chat_answer(self, body: Mapping[str, Any], request_id: int) -> web.Response:
+        content, reasoning, finish_reason = self._compose(body)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        answer = {
+            "id": f"chatcmpl-{self.behaviour.name}-{request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+            "usage": self._usage(body, content, reasoning),
+        }
+        return self._json(200, answer, self._answer_headers())
+
+    async def _stream_answer(
+        self,
+        request: web.Request,
+        body: Mapping[str, Any],
+        request_id: int,
+        latency_s: float,
+        drop_after: int | None,
+    ) -> web.StreamResponse:
+        content, reasoning, finish_reason = self._compose(body)
+        deltas: list[tuple[dict[str, Any], bool]] = [({"role": "assistant", "content": ""}, False)]
+        if reasoning is not None:
+            deltas += [({"reasoning_content": p}, False) for p in _split_pieces(reasoning)]
+        deltas += [({"content": p}, True) for p in _split_pieces(content)]
+        interval_s = self.behaviour.stream_chunk_interval_s or latency_s / (len(deltas) + 1)
+
+        base = {
+            "id": f"chatcmpl-{self.behaviour.name}-{request_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        response.headers.update(self._answer_headers())
+        try:
+            await response.prepare(request)
+            content_sent = 0
+            for delta, is_content in deltas:
+                if drop_after is not None and content_sent >= drop_after:
+                    raise _Dropped
+                await self._pause(interval_s)
+                chunk = {
+                    **base,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                }
+                await response.write(b"data: " + _encoder.encode(chunk) + b"\n\n")
+                content_sent += is_content
+            if drop_after is not None:
+                raise _Dropped
+            await self._pause(interval_s)
+            final = {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}],
+                "usage": self._usage(body, content, reasoning),
+            }
+            await response.write(b"data: " + _encoder.encode(final) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError as exc:
+            raise _Dropped from exc
+        self._count(200)
+        return response
+
+    def _embeddings_answer(self, body: Mapping[str, Any], tokens: int) -> web.Response:
+        b = self.behaviour
+        given = body["input"]
+        inputs: list[str] = [given] if isinstance(given, str) else given
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(inputs):
+            vector = _embedding(text, b.embed_dims, b.seed)
+            embedding: list[float] | str = vector
+            if as_base64:
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": body["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return self._json(200, answer, self._answer_headers())
+
+
+# ---------------------------------------------------------------------------
+# The five providers of SEED.md
+
+
+SEED_BEHAVIOURS: Final[dict[str, Behaviour]] = {
+    "zhipu": Behaviour(
+        name="zhipu",
+        model="glm-4-flash",
+        latency_s=1.03,
+        jitter=0.1,
+        concurrency=1,
+        thinking=True,
+        seed=1,
+    ),
+    "hunyuan": Behaviour(
+        name="hunyuan",
+        model="hunyuan-lite",
+        latency_s=1.20,
+        jitter=0.1,
+        concurrency=5,
+        seed=2,
+    ),
+    "nvidia1": Behaviour(
+        name="nvidia1",
+        model="z-ai/glm4.7",
+        latency_s=7.17,
+        jitter=0.1,
+        concurrency=5,
+        rpm=40,
+        thinking=True,
+        seed=3,
+    ),
+    "nvidia2": Behaviour(
+        name="nvidia2",
+        model="z-ai/glm4.7",
+        latency_s=2.68,
+        jitter=0.1,
+        concurrency=5,
+        rpm=40,
+        thinking=True,
+        seed=4,
+    ),
+    "siliconflow": Behaviour(
+        name="siliconflow",
+        kind="embed",
+        model="BAAI/bge-large-zh-v1.5",
+        latency_s=0.10,
+        jitter=0.1,
+        rpm=5,
+        daily_tokens=500_000,
+        embed_dims=1024,
+        seed=5,
+    ),
+}
+"""The SEED.md providers at time scale 1 (RPM windows are always 60 s)."""
+
+
+class Simulator:
+    """Several fake providers started and stopped together.
+
+    Latencies and stream intervals are multiplied by ``time_scale``; RPM windows and
+    the daily token budget keep their real length, as the real providers do.
+    ``api_key``, when given, is required by every provider.
+    """
+
+    def __init__(
+        self,
+        *,
+        time_scale: float = 1.0,
+        behaviours: Mapping[str, Behaviour] | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        if time_scale <= 0:
+            raise ValueError(f"time_scale must be positive, got {time_scale}")
+        self.time_scale = time_scale
+        self.providers: dict[str, FakeProvider] = {}
+        for name, behaviour in (SEED_BEHAVIOURS if behaviours is None else behaviours).items():
+            scaled = msgspec.structs.replace(
+                behaviour,
+                latency_s=behaviour.latency_s * time_scale,
+                stream_chunk_interval_s=behaviour.stream_chunk_interval_s * time_scale,
+                api_key=behaviour.api_key if api_key is None else api_key,
+            )
+            self.providers[name] = FakeProvider(scaled)
+        self.urls: dict[str, str] = {}
+
+    async def start(self, host: str = "127.0.0.1") -> dict[str, str]:
+        """Start every provider on an ephemeral port; return ``urls``."""
+        try:
+            for name, provider in self.providers.items():
+                self.urls[name] = await provider.start(host)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self.urls
+
+    async def aclose(self) -> None:
+        """Stop every provider."""
+        for provider in self.providers.values():
+            await provider.aclose()
+        self.urls.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.providers)
+        return f"<Simulator x{self.time_scale:g} {names} {'running' if self.urls else 'stopped'}>"
