@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ class Options:
     socket: str
     simulate: bool = False
     time_scale: float = 1.0
+    handle_signals: bool = True  # tests run several daemons in one process and stop them directly
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -62,6 +63,8 @@ class Daemon:
         self.server: Server | None = None
         self._tg: TaskGroup | None = None
         self.exit_code = EXIT_OK
+        self._stop = anyio.Event()
+        self._force = anyio.Event()
         self._sim_key = secrets.token_hex(16) if options.simulate else None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
@@ -91,11 +94,14 @@ class Daemon:
                     )
                     task_status.started()
                     tg.start_soon(self._watchdog)
-                    await self._handle_signals()
+                    await self._serve_until_stopped()
                     tg.cancel_scope.cancel()
             except* RestartIntensityExceeded as group:
                 log.critical("daemon.giving_up", reason=str(group.exceptions[0]))
                 self.exit_code = EXIT_SOFTWARE
+            finally:
+                for actor in self.scheduler.actors.values():
+                    actor.close()
         log.info("daemon.stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -164,25 +170,41 @@ class Daemon:
 
     # -- signals -----------------------------------------------------------------------
 
-    async def _handle_signals(self) -> None:
+    def request_stop(self) -> None:
+        """Drain and stop, as SIGTERM does; a second request forces the exit."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    async def _serve_until_stopped(self) -> None:
+        async with anyio.create_task_group() as tg:
+            if self.options.handle_signals:
+                tg.start_soon(self._watch_signals)
+            await self._stop.wait()
+            await self.drain()
+            tg.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload()
-                    continue
-                log.info("daemon.draining", signal=signal.Signals(signum).name)
-                await self.drain(signals)
-                return
+                else:
+                    log.info("daemon.signal", signal=signal.Signals(signum).name)
+                    self.request_stop()
 
-    async def drain(self, signals: AsyncIterator[signal.Signals] | None = None) -> None:
+    async def drain(self) -> None:
         """Stop accepting; give running and queued work ``drain_s`` to finish; cancel the rest."""
+        log.info(
+            "daemon.draining", queued=len(self.scheduler.queue), active=len(self.scheduler.active)
+        )
         self.notifier.stopping()
         self.scheduler.accepting = False
         if self.server is not None:
             self.server.stop_accepting()
         with anyio.move_on_after(self.config.daemon.drain_s):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._second_signal_forces, signals, tg.cancel_scope)
+                tg.start_soon(_cancel_when, self._force, tg.cancel_scope)
                 await self.scheduler.wait_idle()
                 tg.cancel_scope.cancel()
         left = list(self.scheduler.active.values())
@@ -195,16 +217,6 @@ class Daemon:
             log.warning("daemon.cancelled_on_exit", jobs=len(left))
             with anyio.move_on_after(2.0):  # let the connections deliver those answers
                 await self.scheduler.wait_idle()
-
-    @staticmethod
-    async def _second_signal_forces(
-        signals: AsyncIterator[signal.Signals] | None, scope: anyio.CancelScope
-    ) -> None:
-        if signals is None:
-            return
-        await anext(signals)
-        log.warning("daemon.forced_exit")
-        scope.cancel()
 
     async def reload(self) -> None:
         """Re-read the config file; apply it only if it is valid."""
@@ -261,6 +273,12 @@ class Daemon:
         status = self.scheduler.status()
         ready = sum(1 for p in status.providers.values() if p.state != "disabled")
         return f"serving {ready}/{len(status.providers)} providers, {status.queued} queued"
+
+
+async def _cancel_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    log.warning("daemon.forced_exit")
+    scope.cancel()
 
 
 def run(options: Options, config: Config) -> int:

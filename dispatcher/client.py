@@ -126,6 +126,8 @@ class Client:
             raise ConnectionLost("the daemon closed the connection before answering")
         finally:
             self._waiting.pop(request_id, None)
+            send.close()
+            receive.close()
 
     async def call(self, payload: Mapping[str, Any]) -> Reply:
         """Send one request and return its final reply (chunks are skipped)."""

@@ -55,7 +55,7 @@ class ProviderLimits:
     problem: str | None = None  # why it is disabled, for status and errors
     latency_s: float = 1.0
     blocked_until: float = 0.0
-    running: dict[str, float] = field(default_factory=dict)  # job id -> expected end
+    running: dict[str, float] = field(default_factory=dict)  # job id -> when it started
     ok: int = 0
     failed: int = 0
     rate_limited: int = 0
@@ -111,7 +111,7 @@ class ProviderLimits:
 
     def reserve(self, job_id: str, now: float) -> None:
         self.bucket.take(now)
-        self.running[job_id] = now + self.latency_s
+        self.running[job_id] = now
 
     def release(self, job_id: str) -> None:
         self.running.pop(job_id, None)
@@ -240,7 +240,11 @@ class _Paper:
         reopen = limits.circuit.reopens_at()
         if usable == 0 and reopen is not None:
             usable, self.blocked = 1, max(self.blocked, reopen)
-        ends = sorted(max(end, now + 0.25 * self.latency) for end in limits.running.values())
+        # an attempt past its expected end is assumed to need a quarter of a service time more
+        ends = sorted(
+            max(start + self.latency, now + 0.25 * self.latency)
+            for start in limits.running.values()
+        )
         free = max(0, usable - len(ends))
         self.slots = [now] * free + ends[: max(0, usable - free)]
         heapq.heapify(self.slots)

@@ -95,6 +95,11 @@ class ProviderActor:
             return False
         return True
 
+    def close(self) -> None:
+        """Release the inbox once the actor will never run again."""
+        self._inbox_send.close()
+        self._inbox.close()
+
     def hand_back(self) -> None:
         """After a crash: give every job still waiting in the inbox back to the scheduler."""
         while True:

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import anyio
 import structlog
@@ -58,6 +59,14 @@ MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
 MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
 
 
+class Observer(Protocol):
+    """Something that wants to hear about every attempt and every final answer (metrics)."""
+
+    def on_attempt(self, provider: str, outcome: str, latency_s: float) -> None: ...
+
+    def on_job_done(self, job: Job, outcome: Result | DispatcherError) -> None: ...
+
+
 class Scheduler:
     """Owns the queue and the routing decisions. ``__init__`` does no I/O."""
 
@@ -86,6 +95,7 @@ class Scheduler:
         self.accepting = True
         self._idle = anyio.Event()
         self._idle.set()
+        self.observers: list[Observer] = []
 
     def __repr__(self) -> str:
         return f"<Scheduler queued {len(self.queue)} active {len(self.active)}>"
@@ -205,9 +215,15 @@ class Scheduler:
         """An attempt ended: success, a failure to judge, or no outcome (stopped, handed back)."""
         now = self.clock()
         limits = self.limits[provider]
+        started = limits.running.get(job.id, now)
         limits.release(job.id)
         job.provider = None
         self._poke()
+        if outcome is not None:
+            kind = "ok" if isinstance(outcome, Answer) else outcome.kind
+            latency = outcome.latency_s if isinstance(outcome, Answer) else max(0.0, now - started)
+            for observer in self.observers:
+                observer.on_attempt(provider, kind, latency)
         if isinstance(outcome, Answer):
             self._on_success(job, provider, limits, outcome, now)
         elif isinstance(outcome, UpstreamError):
@@ -379,6 +395,8 @@ class Scheduler:
         self.active.pop(job.id, None)
         if not self.active:
             self._idle.set()
+        for observer in self.observers:
+            observer.on_job_done(job, outcome)
         self.finished[job.id] = job
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
