@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from dispatcher import logs, systemd
 from dispatcher.config import Config, ConfigError, ProviderConfig, load_config, resolve_key
 from dispatcher.errors import Cancelled
+from dispatcher.journal import Journal
 from dispatcher.policy import ProviderLimits
 from dispatcher.provider import ProviderActor
 from dispatcher.scheduler import Scheduler
@@ -77,6 +78,8 @@ class Daemon:
                     for name, provider in self.config.providers.items():
                         await self._start_provider(name, provider)
                     await tg.start(self.scheduler.run)
+                    if self.config.journal.enabled:
+                        await self._open_journal(stack, tg)
                     inherited = systemd.listen_fds()
                     self.server = Server(
                         self.scheduler,
@@ -104,6 +107,26 @@ class Daemon:
                     actor.close()
         log.info("daemon.stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    async def _open_journal(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
+        """Open the journal and replay what a previous run left unfinished."""
+        settings = self.config.journal
+        journal = Journal(
+            Path(self.config.daemon.state_dir) / "journal.sqlite3",
+            keep_s=settings.keep_s,
+            synchronous=settings.synchronous,
+        )
+        await anyio.to_thread.run_sync(journal.open)
+        stack.callback(journal.close)
+        self.scheduler.journal = journal
+        await tg.start(journal.run)
+        for uid, key, digest, job_id in await anyio.to_thread.run_sync(journal.keyed):
+            self.scheduler.keys[(uid, key)] = (digest, job_id)
+        unfinished = await anyio.to_thread.run_sync(journal.unfinished)
+        for stored in unfinished:
+            self.scheduler.restore(stored)
+        if unfinished:
+            log.info("journal.replayed", jobs=len(unfinished))
 
     # -- providers ---------------------------------------------------------------------
 
@@ -194,29 +217,32 @@ class Daemon:
                     self.request_stop()
 
     async def drain(self) -> None:
-        """Stop accepting; give running and queued work ``drain_s`` to finish; cancel the rest."""
-        log.info(
-            "daemon.draining", queued=len(self.scheduler.queue), active=len(self.scheduler.active)
-        )
+        """Stop accepting; let running work and unjournaled queued jobs finish within
+        ``drain_s``; leave journaled queued jobs for the next start; cancel the rest."""
+        scheduler = self.scheduler
+        log.info("daemon.draining", queued=len(scheduler.queue), active=len(scheduler.active))
         self.notifier.stopping()
-        self.scheduler.accepting = False
+        scheduler.drain()
         if self.server is not None:
             self.server.stop_accepting()
         with anyio.move_on_after(self.config.daemon.drain_s):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_when, self._force, tg.cancel_scope)
-                await self.scheduler.wait_idle()
+                await scheduler.wait_drained()
                 tg.cancel_scope.cancel()
-        left = list(self.scheduler.active.values())
+        left = [job for job in scheduler.active.values() if not job.durable]
         for job in left:
-            self.scheduler.cancel(
+            scheduler.cancel(
                 job,
                 Cancelled("the daemon is shutting down; submit the job again after it restarts"),
             )
         if left:
             log.warning("daemon.cancelled_on_exit", jobs=len(left))
             with anyio.move_on_after(2.0):  # let the connections deliver those answers
-                await self.scheduler.wait_idle()
+                await scheduler.wait_drained()
+        kept = len(scheduler.active) - len(left)
+        if kept > 0:
+            log.info("daemon.kept_in_journal", jobs=kept)
 
     async def reload(self) -> None:
         """Re-read the config file; apply it only if it is valid."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dispatcher.client import Client, ConnectionLost, DaemonNotRunning
 from dispatcher.config import (
     Config,
     ConfigError,
+    DaemonConfig,
     find_config_path,
     load_config,
     resolve_key,
@@ -170,9 +172,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dispatcher.app import Options, run
 
     config = _config(args)
-    if args.state_dir:
+    state_dir = args.state_dir
+    if state_dir is None and args.simulate and config.daemon.state_dir == DaemonConfig().state_dir:
+        # A simulated daemon is a toy: keep its journal out of the system's state directory.
+        state_dir = str(Path(tempfile.gettempdir()) / f"dispatcher-simulate-{os.getuid()}")
+    if state_dir:
         config = msgspec.structs.replace(
-            config, daemon=msgspec.structs.replace(config.daemon, state_dir=args.state_dir)
+            config, daemon=msgspec.structs.replace(config.daemon, state_dir=state_dir)
         )
     options = Options(
         config_path=find_config_path(args.config, os.environ),

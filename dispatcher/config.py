@@ -42,6 +42,7 @@ class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     state_dir: str = "/var/lib/dispatcher"
     max_frame_bytes: Positive = 16 * 1024 * 1024
     max_queued: Positive = 100_000
+    max_queued_bytes: Positive = 1024 * 1024 * 1024
     max_connections: Positive = 1024
     idle_timeout_s: Seconds = 3600.0
     drain_s: Seconds = 30.0
@@ -86,6 +87,12 @@ class CircuitConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     cooldown_s: Seconds = 30.0
 
 
+class JournalConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    keep_s: Seconds = 86_400.0
+    synchronous: Literal["normal", "full"] = "normal"
+
+
 class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ttl_s: Seconds = 3600.0
     max_bytes: Positive = 256 * 1024 * 1024
@@ -113,6 +120,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     classes: dict[str, ClassPolicy] = msgspec.field(default_factory=dict)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)

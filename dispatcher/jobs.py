@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
+import msgspec
 
-from dispatcher.errors import DispatcherError, UpstreamError
-from dispatcher.protocol import Chunk, JobRequest, JobState, Result
+from dispatcher.errors import DispatcherError, InternalError, UpstreamError
+from dispatcher.protocol import Chunk, Error, JobRequest, JobState, Result, error_reply
 
 ChunkSink = Callable[[Chunk], Awaitable[None]]
 Kind = Literal["chat", "embed"]
@@ -44,8 +45,13 @@ class Job:
     streamed: bool = False  # a chunk reached the client: no more retries
     stop: DispatcherError | None = None  # why the scheduler wants it stopped (cancel, deadline)
     handbacks: int = 0  # times an actor died holding it
-    outcome: Result | DispatcherError | None = None
+    durable: bool = False  # journaled: outlives its connection and the daemon
+    digest: str = ""  # content hash, for idempotency keys
+    key_released: bool = False  # failed in a way that frees its key for a retry
+    size: int = 0  # bytes of the request line, held in memory while queued
+    outcome: Result | Error | DispatcherError | None = None  # Error: replayed from the journal
     done: anyio.Event = field(default_factory=anyio.Event)
+    persisted: anyio.Event = field(default_factory=anyio.Event)  # its journal row is committed
 
     def __repr__(self) -> str:
         return (
@@ -68,11 +74,27 @@ class Job:
             return [pick]
         return [p for p in self.eligible if p not in self.excluded]
 
-    def finish(self, outcome: Result | DispatcherError) -> bool:
-        """Record the final answer once; later calls are ignored and return False."""
+    def finish(self, outcome: Result | Error | DispatcherError, *, deliver: bool = True) -> bool:
+        """Record the final answer once; later calls are ignored and return False.
+
+        ``deliver=False`` leaves ``done`` unset: the journal sets it once the answer
+        is committed, so nobody sees an answer a crash could take back.
+        """
         if self.outcome is not None:
             return False
         self.outcome = outcome
         self.state = "done" if isinstance(outcome, Result) else "failed"
-        self.done.set()
+        if deliver:
+            self.done.set()
         return True
+
+    def reply(self, request_id: str) -> Result | Error:
+        """The final answer as a reply to the request ``request_id``."""
+        outcome = self.outcome
+        if isinstance(outcome, Result):
+            return msgspec.structs.replace(outcome, id=request_id)
+        if isinstance(outcome, Error):
+            return msgspec.structs.replace(outcome, id=request_id)
+        if isinstance(outcome, DispatcherError):
+            return error_reply(request_id, outcome, job=self.id)
+        return error_reply(request_id, InternalError("the job has no answer yet"), job=self.id)

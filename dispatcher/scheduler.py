@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import anyio
@@ -30,6 +30,7 @@ from dispatcher import policy
 from dispatcher.config import Config
 from dispatcher.errors import (
     Cancelled,
+    ClientError,
     DispatcherError,
     InternalError,
     NoProvider,
@@ -38,6 +39,7 @@ from dispatcher.errors import (
     UpstreamError,
 )
 from dispatcher.jobs import ChunkSink, Job, Kind
+from dispatcher.journal import Journal, StoredJob, request_digest
 from dispatcher.policy import ProviderLimits
 from dispatcher.protocol import (
     ChatRequest,
@@ -57,6 +59,14 @@ DEFAULT_TIMEOUT_S = 600.0
 FINISHED_KEPT = 10_000  # finished jobs kept in memory for `result`
 MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
 MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
+
+
+class KnownJob(Exception):
+    """The idempotency key names a finished job that only the journal still has."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
 
 
 class Observer(Protocol):
@@ -96,6 +106,11 @@ class Scheduler:
         self._idle = anyio.Event()
         self._idle.set()
         self.observers: list[Observer] = []
+        self.journal: Journal | None = None
+        self.keys: dict[tuple[int, str], tuple[str, str]] = {}  # (uid, key) -> (digest, job id)
+        self.queued_bytes = 0
+        self.draining = False  # journaled jobs still queued stay in the journal for the next run
+        self._changed = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<Scheduler queued {len(self.queue)} active {len(self.active)}>"
@@ -116,8 +131,17 @@ class Scheduler:
         uid: int = -1,
         on_chunk: ChunkSink | None = None,
         job_id: str | None = None,
+        size: int = 0,
     ) -> Job:
-        """Accept a job or raise the client error that says why not."""
+        """Accept a job or raise the client error that says why not.
+
+        A request whose idempotency ``key`` this user already used returns that
+        job (raising :class:`KnownJob` when only the journal still has it).
+        """
+        if request.key is not None:
+            known = self._known_key(uid, request)
+            if known is not None:
+                return known
         if not self.accepting:
             raise Overloaded("the daemon is shutting down; try again in a moment", retry_after_s=5)
         if len(self.active) >= self.config.daemon.max_queued:
@@ -126,9 +150,21 @@ class Scheduler:
                 "retry later or raise daemon.max_queued",
                 retry_after_s=self._drain_estimate_s(),
             )
+        if size and self.queued_bytes + size > self.config.daemon.max_queued_bytes:
+            raise Overloaded(
+                f"the queued jobs already hold {self.queued_bytes:,} bytes (max_queued_bytes); "
+                "retry later or send smaller requests",
+                retry_after_s=self._drain_estimate_s(),
+            )
         now = self.clock()
         job = self._make_job(request, client=client, uid=uid, now=now, job_id=job_id)
         job.on_chunk = on_chunk
+        job.size = size
+        self.queued_bytes += size
+        if self.journal is not None and (request.detach or request.key is not None):
+            job.durable = True
+        if request.key is not None:
+            self.keys[(uid, request.key)] = (job.digest, job.id)
         self.active[job.id] = job
         if self._idle.is_set():
             self._idle = anyio.Event()
@@ -139,15 +175,30 @@ class Scheduler:
         return job
 
     def _make_job(
-        self, request: JobRequest, *, client: str, uid: int, now: float, job_id: str | None
+        self,
+        request: JobRequest,
+        *,
+        client: str,
+        uid: int,
+        now: float,
+        job_id: str | None,
+        classify: bool = True,
     ) -> Job:
         pick: str | None = None
         kind: Kind
+        eligible: tuple[str, ...] = ()
         if isinstance(request, EmbedRequest):
             inputs = [request.input] if isinstance(request.input, str) else request.input
             tokens = sum(estimate_text(text) for text in inputs)
             klass, kind = "embed", "embed"
-            eligible = policy.classify_embed(request.providers, self.config, self.limits)
+            if classify:
+                eligible = policy.classify_embed(request.providers, self.config, self.limits)
+        elif not classify:
+            tokens, kind, klass = (
+                estimate_messages(request.messages),
+                "chat",
+                request.task or "default",
+            )
         else:
             tokens = estimate_messages(request.messages)
             kind = "chat"
@@ -169,6 +220,7 @@ class Scheduler:
                 pick = policy.weighted_pick(class_policy, eligible, self.rng)
         timeout = request.timeout_s or DEFAULT_TIMEOUT_S
         return Job(
+            digest=request_digest(request) if request.key is not None else "",
             id=job_id or uuid.uuid4().hex[:16],
             request=request,
             kind=kind,
@@ -193,9 +245,85 @@ class Scheduler:
             self.actors[job.provider].cancel(job.id)
         self._poke()
 
+    def _known_key(self, uid: int, request: JobRequest) -> Job | None:
+        assert request.key is not None
+        entry = self.keys.get((uid, request.key))
+        if entry is None:
+            return None
+        digest, job_id = entry
+        if digest != request_digest(request):
+            raise ClientError(
+                f"the key {request.key!r} was already used for a different request (job "
+                f"{job_id}); use a new key for new content"
+            )
+        job = self.lookup(job_id)
+        if job is None:
+            raise KnownJob(job_id)
+        return job
+
+    def restore(self, stored: StoredJob) -> None:
+        """Queue a journaled job again after a restart, under its old id."""
+        try:
+            job = self.submit(
+                stored.request, client=f"{stored.uid}:replay", uid=stored.uid, job_id=stored.id
+            )
+        except DispatcherError as exc:
+            # It cannot run under the current configuration: answer it with why.
+            job = self._make_job(
+                stored.request,
+                client="replay",
+                uid=stored.uid,
+                now=self.clock(),
+                job_id=stored.id,
+                classify=False,
+            )
+            job.durable = True
+            job.persisted.set()
+            self.active[job.id] = job
+            self._finish(job, exc)
+        else:
+            job.durable = True
+            job.persisted.set()
+
+    async def resolve(self, job_id: str) -> Job | None:
+        """A job by id: in memory, or a finished one only the journal still has."""
+        job = self.lookup(job_id)
+        if job is not None or self.journal is None:
+            return job
+        stored = await anyio.to_thread.run_sync(self.journal.lookup, job_id)
+        if stored is None or stored.outcome is None:
+            return None
+        job = self._make_job(
+            stored.request,
+            client="journal",
+            uid=stored.uid,
+            now=self.clock(),
+            job_id=stored.id,
+            classify=False,
+        )
+        job.durable = True
+        job.persisted.set()
+        job.finish(stored.outcome)
+        return job
+
     async def wait_idle(self) -> None:
         """Return once no job is queued or running."""
         await self._idle.wait()
+
+    def drain(self) -> None:
+        """Stop starting journaled jobs: they wait in the journal for the next start."""
+        self.accepting = False
+        self.draining = True
+        self._poke()
+
+    def must_finish(self) -> list[Job]:
+        """Jobs a drain waits for: everything running, and queued jobs no journal keeps."""
+        return [j for j in self.active.values() if j.state == "running" or not j.durable]
+
+    async def wait_drained(self) -> None:
+        while self.must_finish():
+            self._changed = anyio.Event()
+            await self._changed.wait()
 
     def reconfigure(self, config: Config) -> None:
         """Take a new configuration (SIGHUP); jobs already accepted keep their routes."""
@@ -356,9 +484,10 @@ class Scheduler:
         self._wakeup.set()
 
     def _dispatch(self, now: float) -> float | None:
-        decided = policy.plan(
-            self.queue, self.limits, now, per_provider=self.config.retry.per_provider
-        )
+        jobs: Iterable[Job] = self.queue
+        if self.draining:
+            jobs = (job for job in self.queue if not job.durable)
+        decided = policy.plan(jobs, self.limits, now, per_provider=self.config.retry.per_provider)
         for job in decided.expired:
             self.queue.remove(job)
             self._finish(job, self._timeout_error(job, "could not start before its deadline"))
@@ -390,11 +519,25 @@ class Scheduler:
         )
 
     def _finish(self, job: Job, outcome: Result | DispatcherError) -> None:
-        if not job.finish(outcome):
+        durable = job.durable and self.journal is not None
+        if not job.finish(outcome, deliver=not durable):
             return
+        if (
+            isinstance(outcome, DispatcherError)
+            and (outcome.retryable or isinstance(outcome, Cancelled))
+            and job.request.key is not None
+        ):
+            # A key stands for one answer; a failure worth retrying frees it for the retry.
+            self.keys.pop((job.uid, job.request.key), None)
+            job.key_released = True
+        if durable:
+            assert self.journal is not None
+            self.journal.finish(job)
+        self.queued_bytes -= job.size
         self.active.pop(job.id, None)
         if not self.active:
             self._idle.set()
+        self._changed.set()
         for observer in self.observers:
             observer.on_job_done(job, outcome)
         self.finished[job.id] = job

@@ -22,7 +22,6 @@ import struct
 from pathlib import Path
 
 import anyio
-import msgspec
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -31,11 +30,10 @@ from dispatcher.config import DaemonConfig
 from dispatcher.errors import (
     DispatcherError,
     FrameTooLarge,
-    InternalError,
     Overloaded,
     UnknownJob,
 )
-from dispatcher.jobs import Job
+from dispatcher.jobs import ChunkSink, Job
 from dispatcher.protocol import (
     Accepted,
     CancelRequest,
@@ -48,16 +46,16 @@ from dispatcher.protocol import (
     Reply,
     RequestDecoder,
     RequestError,
-    Result,
     ResultRequest,
     StatusRequest,
     encode_line,
     error_reply,
 )
-from dispatcher.scheduler import Scheduler
+from dispatcher.scheduler import KnownJob, Scheduler
 
 log = structlog.get_logger("dispatcher.server")
 
+PERSIST_TIMEOUT_S = 60.0  # the journal commits in milliseconds; this only bounds a sick disk
 WRITE_TIMEOUT_S = 30.0  # a client that reads nothing for this long is dropped
 PARTIAL_LINE_TIMEOUT_S = 30.0  # a started line must be finished within this
 ROOT_UID = 0
@@ -204,7 +202,7 @@ class Connection:
                     )
                     tg.start_soon(self.send, error_reply(request.id, error))
                 else:
-                    tg.start_soon(self._run_job, request)
+                    tg.start_soon(self._run_job, request, len(line))
             case CancelRequest():
                 tg.start_soon(self.send, self._cancel(request))
             case ResultRequest():
@@ -214,18 +212,15 @@ class Connection:
             case PingRequest():
                 tg.start_soon(self.send, Pong(id=request.id))
 
-    async def _run_job(self, request: ChatRequest | EmbedRequest) -> None:
+    async def _run_job(self, request: ChatRequest | EmbedRequest, size: int) -> None:
         stream = isinstance(request, ChatRequest) and request.stream
         try:
-            job = self.scheduler.submit(
-                request,
-                client=self.client,
-                uid=self.uid,
-                on_chunk=self._send_chunk if stream else None,
-            )
+            job = await self._submit(request, size, self._send_chunk if stream else None)
         except DispatcherError as exc:
             await self.send(error_reply(request.id, exc))
             return
+        if job.durable:
+            await self._persisted(job)
         if request.detach:
             await self.send(Accepted(id=request.id, job=job.id))
             return
@@ -234,9 +229,29 @@ class Connection:
             await _wait_final(job)
         finally:
             self.jobs.pop(request.id, None)
-            if job.outcome is None:
+            if job.outcome is None and not job.durable:
                 self.scheduler.cancel(job)  # the client left; stop the work upstream
-        await self.send(reply_for(job, request.id))
+        await self.send(job.reply(request.id))
+
+    async def _submit(
+        self, request: ChatRequest | EmbedRequest, size: int, on_chunk: ChunkSink | None
+    ) -> Job:
+        try:
+            job = self.scheduler.submit(
+                request, client=self.client, uid=self.uid, on_chunk=on_chunk, size=size
+            )
+        except KnownJob as known:
+            found = await self.scheduler.resolve(known.job_id)
+            if found is None:
+                raise UnknownJob(f"the job for key {request.key!r} has expired") from None
+            return found
+        if job.durable and not job.persisted.is_set() and self.scheduler.journal is not None:
+            await self.scheduler.journal.accept(job)
+        return job
+
+    async def _persisted(self, job: Job) -> None:
+        with anyio.fail_after(PERSIST_TIMEOUT_S):
+            await job.persisted.wait()
 
     def _cancel(self, request: CancelRequest) -> Reply:
         job = self.jobs.get(request.target)
@@ -255,7 +270,7 @@ class Connection:
         return Accepted(id=request.id, job=job.id)
 
     async def _result(self, request: ResultRequest) -> None:
-        job = self.scheduler.lookup(request.job)
+        job = await self.scheduler.resolve(request.job)
         if job is None or not self._may_see(job):
             await self.send(
                 error_reply(
@@ -270,7 +285,7 @@ class Connection:
             await self.send(Pending(id=request.id, job=job.id, state=job.state))
             return
         await _wait_final(job)
-        await self.send(reply_for(job, request.id))
+        await self.send(job.reply(request.id))
 
     def _may_see(self, job: Job) -> bool:
         return self.uid in (job.uid, ROOT_UID)
@@ -303,15 +318,6 @@ async def _wait_final(job: Job) -> None:
     limit = None if job.deadline is None else job.deadline - job.accepted_at + 60.0
     with anyio.fail_after(limit):
         await job.done.wait()
-
-
-def reply_for(job: Job, request_id: str) -> Reply:
-    outcome = job.outcome
-    if isinstance(outcome, Result):
-        return msgspec.structs.replace(outcome, id=request_id)
-    if isinstance(outcome, DispatcherError):
-        return error_reply(request_id, outcome, job=job.id)
-    return error_reply(request_id, InternalError("the job has no answer yet"), job=job.id)
 
 
 def peer_uid(stream: SocketStream) -> int:

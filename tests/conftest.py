@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from dispatcher import logs
 from dispatcher.app import Daemon, Options
 from dispatcher.client import Client
-from dispatcher.config import Config, parse_config
+from dispatcher.config import Config, DaemonConfig, parse_config
 from dispatcher.simulator import Behaviour, FakeProvider
 
 TEST_KEY = "test-key-not-a-secret-0001"
@@ -96,6 +97,9 @@ def start_daemon(tmp_path: Path) -> Callable[..., Any]:
     ) -> AsyncIterator[Running]:
         env = dict(environ) if environ is not None else _keys_for(config)
         path = socket or str(tmp_path / "d.sock")
+        if config.daemon.state_dir == DaemonConfig().state_dir:
+            daemon_config = msgspec.structs.replace(config.daemon, state_dir=str(tmp_path / "state"))
+            config = msgspec.structs.replace(config, daemon=daemon_config)
         options = Options(config_path=None, socket=path, environ=env, handle_signals=False)
         daemon = Daemon(config, options)
         async with anyio.create_task_group() as tg:
