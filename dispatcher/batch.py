@@ -1,16 +1,22 @@
 """``dispatcher batch``: a JSONL file of jobs through the daemon, resumable, in input order.
 
 Each input line is a job: ``{"prompt": "..."}`` as a shorthand, or a full
-``chat``/``embed`` request object (``op`` defaults to ``chat``). Answers are
-appended to ``OUTPUT.partial`` as they arrive, each tagged with its input line;
-a run that stops halfway (Ctrl-C, a crash, a restarted daemon) picks up from
-there and asks again only for lines without an answer. When every line has
-one, OUTPUT is written in input order and the partial file removed.
+``chat``/``embed`` request object (``op`` defaults to ``chat``). Every line is
+submitted detached, keyed by the file, the line number and the line's text, so
+the daemon journals it and a second submit of the same line returns the same
+job. Answers are appended to ``OUTPUT.partial`` as they arrive, each tagged with
+its input line. A run that stops halfway (Ctrl-C, a crash of this client or of
+the daemon) is resumed by running the same command again: lines already
+answered are skipped, lines submitted before are picked up by key, and no
+line's job runs twice. When every line has an answer, OUTPUT is written in
+input order and the partial file removed. ``overloaded`` answers are retried
+with backoff (stamina), waiting as long as the daemon's hint says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -18,6 +24,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import stamina
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -30,15 +37,55 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dispatcher.client import Client
-from dispatcher.protocol import Result
+from dispatcher.client import Client, ConnectionLost
+from dispatcher.protocol import Accepted, Error, Reply, Result
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
+SUBMIT_PATIENCE_S = 3600.0  # how long to keep retrying `overloaded` before giving up
+
+
 class BatchLineError(ValueError):
     pass
+
+
+class Busy(Exception):
+    """The daemon answered ``overloaded``; retry after its hint."""
+
+    def __init__(self, retry_after_s: float | None) -> None:
+        super().__init__(f"overloaded (retry after {retry_after_s} s)")
+        self.retry_after_s = retry_after_s
+
+
+def _busy_backoff(exc: Exception) -> bool | float:
+    if isinstance(exc, Busy):
+        return exc.retry_after_s if exc.retry_after_s else True
+    return False
+
+
+def line_key(path: Path, number: int, text: str) -> str:
+    """The idempotency key of one input line: same file, line and text -> same job."""
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    what = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"batch-{where}-{number}-{what}"
+
+
+async def run_line(client: Client, payload: dict[str, Any]) -> Reply:
+    """Submit one line detached (retrying while the daemon is overloaded) and wait for it."""
+    accepted: Reply | None = None
+    async for attempt in stamina.retry_context(
+        on=_busy_backoff, attempts=None, timeout=SUBMIT_PATIENCE_S, wait_max=30.0
+    ):
+        with attempt:
+            accepted = await client.call({**payload, "detach": True})
+            if isinstance(accepted, Error) and accepted.code == "overloaded":
+                raise Busy(accepted.retry_after_s)
+    assert accepted is not None
+    if not isinstance(accepted, Accepted):
+        return accepted
+    return await client.call({"op": "result", "job": accepted.job})
 
 
 def parse_line(text: str, number: int, task: str | None) -> dict[str, Any]:
@@ -99,7 +146,9 @@ def run_batch(
         if number in done:
             continue
         try:
-            todo.append((number, parse_line(line, number, task)))
+            payload = parse_line(line, number, task)
+            payload.setdefault("key", line_key(input_path, number, line))
+            todo.append((number, payload))
         except BatchLineError as exc:
             failed[number] = {
                 "line": number,
@@ -132,7 +181,7 @@ def run_batch(
                 async def one(number: int, payload: dict[str, Any]) -> None:
                     nonlocal finished
                     async with limiter:
-                        reply = await client.call(payload)
+                        reply = await run_line(client, payload)
                     record = msgspec.to_builtins(reply)
                     record["line"] = number
                     record.pop("id", None)
@@ -149,7 +198,17 @@ def run_batch(
                 for number, payload in todo:
                     tg.start_soon(one, number, payload)
 
-    anyio.run(go, backend="asyncio", backend_options={"use_uvloop": True})
+    lost = False
+    try:
+        anyio.run(go, backend="asyncio", backend_options={"use_uvloop": True})
+    except* ConnectionLost:
+        lost = True
+    if lost:
+        console.print(
+            f"[red]the daemon went away[/] after {len(done)} answers (kept in {partial}); "
+            "run the same command again to resume"
+        )
+        return 75  # EX_TEMPFAIL
     with output_path.open("wb") as fh:
         for number, _line in numbered:
             record = done.get(number) or failed.get(number)

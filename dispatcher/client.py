@@ -66,7 +66,9 @@ class Client:
                 f"permission denied on {path}; ask for membership of the socket's group "
                 "(see the README's deployment section)"
             ) from exc
-        async with anyio.create_task_group() as tg, stream:
+        # The stream closes after the task group, outside its cancelled scope: closing
+        # inside it would raise Cancelled and mask whatever the caller raised.
+        async with stream, anyio.create_task_group() as tg:
             client = cls(stream, tg)
             tg.start_soon(client._read_replies)
             try:

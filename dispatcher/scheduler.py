@@ -142,6 +142,20 @@ class Scheduler:
             known = self._known_key(uid, request)
             if known is not None:
                 return known
+        return self._accept(
+            request, client=client, uid=uid, on_chunk=on_chunk, job_id=job_id, size=size
+        )
+
+    def _accept(
+        self,
+        request: JobRequest,
+        *,
+        client: str,
+        uid: int,
+        on_chunk: ChunkSink | None = None,
+        job_id: str | None = None,
+        size: int = 0,
+    ) -> Job:
         if not self.accepting:
             raise Overloaded("the daemon is shutting down; try again in a moment", retry_after_s=5)
         if len(self.active) >= self.config.daemon.max_queued:
@@ -264,7 +278,7 @@ class Scheduler:
     def restore(self, stored: StoredJob) -> None:
         """Queue a journaled job again after a restart, under its old id."""
         try:
-            job = self.submit(
+            job = self._accept(
                 stored.request, client=f"{stored.uid}:replay", uid=stored.uid, job_id=stored.id
             )
         except DispatcherError as exc:

@@ -231,9 +231,12 @@ class _SlidingWindow:
         return self._times[0] + self.window_s - now
 
     def record(self, now: float) -> None:
-        self._times.append(now)
+        if self.limit > 0:
+            self._times.append(now)
 
     def __repr__(self) -> str:
+        if self.limit <= 0:
+            return "unlimited"
         return f"{len(self._times)}/{self.limit} per {self.window_s:g}s"
 
 
@@ -418,14 +421,19 @@ class FakeProvider:
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         self._notify()
+        answered = False
         try:
-            return await self._respond(request)
+            response = await self._respond(request)
+            answered = True
         except _Dropped:
-            stats.dropped += 1
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=500)  # never reaches the peer: the transport is gone
+        else:
+            return response
         finally:
+            if not answered:  # dropped on purpose, client gone, or server closing
+                stats.dropped += 1
             stats.in_flight -= 1
             self._notify()
 
@@ -678,6 +686,7 @@ class FakeProvider:
             deltas += [({"reasoning_content": p}, False) for p in _split_pieces(reasoning)]
         deltas += [({"content": p}, True) for p in _split_pieces(content)]
         interval_s = self.behaviour.stream_chunk_interval_s or latency_s / (len(deltas) + 1)
+        self._slot_ends[request_id] = time.monotonic() + interval_s * (len(deltas) + 1)
 
         base = {
             "id": f"chatcmpl-{self.behaviour.name}-{request_id}",
