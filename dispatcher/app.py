@@ -224,7 +224,7 @@ class Daemon:
         self.notifier.stopping()
         scheduler.drain()
         if self.server is not None:
-            self.server.stop_accepting()
+            await self.server.stop_accepting()
         with anyio.move_on_after(self.config.daemon.drain_s):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_when, self._force, tg.cancel_scope)

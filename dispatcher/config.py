@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -237,6 +237,17 @@ def load_config(path: Path | None) -> Config:
 
 
 def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> Config:
+    # Tables keyed by name are checked entry by entry first: msgspec's error path
+    # says "providers[...]", and the user needs to know which provider is wrong.
+    for table, entry_type in (("providers", ProviderConfig), ("classes", ClassPolicy)):
+        entries = raw.get(table)
+        if not isinstance(entries, Mapping):
+            continue
+        for name, entry in entries.items():
+            try:
+                msgspec.convert(entry, entry_type)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{source}: {_explain(str(exc), f'{table}.{name}')}") from None
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
@@ -249,12 +260,17 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> Config:
     return config
 
 
-def _explain(message: str) -> str:
+def _explain(message: str, prefix: str = "") -> str:
     """Turn msgspec's "... - at `$.a.b`" into "a.b: ..." with the expectation kept."""
     match = re.match(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", message)
     if match is None:  # pragma: no cover - the pattern always matches
         return message
     what, where = match["what"], (match["path"] or "").lstrip(".")
+    where = ".".join(part for part in (prefix, where) if part)
+    if what.startswith("Invalid enum value"):
+        allowed = _CHOICES.get(where.rsplit(".", 1)[-1])
+        if allowed:
+            return f"{where}: {what[0].lower()}{what[1:]}; expected one of {', '.join(allowed)}"
     unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", what)
     if unknown:
         key = f"{where}.{unknown['key']}" if where else unknown["key"]
@@ -265,6 +281,15 @@ def _explain(message: str) -> str:
         return f"{key}: required key is missing"
     where = re.sub(r"\[(\d+)\]", r"[\1]", where)
     return f"{where or 'top level'}: {what[0].lower()}{what[1:]}"
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "adapter": get_args(AdapterName),
+    "kind": ("chat", "embed"),
+    "strategy": ("capacity", "weighted"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "synchronous": ("normal", "full"),
+}
 
 
 def _default_classes(providers: Mapping[str, ProviderConfig]) -> dict[str, ClassPolicy]:

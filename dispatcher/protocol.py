@@ -103,7 +103,9 @@ class Result(_Reply, tag="result"):
     usage: Usage = msgspec.field(default_factory=Usage)
     latency_ms: float = 0.0
     attempts: int = 0
-    cached: bool = False
+    # None only before it is set: the daemon always sends true or false (omit_defaults
+    # leaves out fields equal to their default, and a client must always see this one).
+    cached: bool | None = None
 
 
 class ProviderStatus(msgspec.Struct, kw_only=True):
@@ -146,7 +148,7 @@ class Pending(_Reply, tag="pending"):
 class Error(_Reply, tag="error"):
     code: ErrorCode
     message: str
-    retryable: bool = False
+    retryable: bool | None = None  # always sent, like Result.cached
     job: str | None = None
     retry_after_s: float | None = None
 

@@ -403,6 +403,7 @@ class Scheduler:
             usage=body.usage,
             latency_ms=round((now - job.accepted_at) * 1000, 3),
             attempts=job.attempts,
+            cached=False,
         )
         if isinstance(request, ChatRequest):
             result.content = getattr(body, "content", "")

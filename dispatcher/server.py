@@ -16,6 +16,7 @@ import contextlib
 import grp
 import itertools
 import os
+import select
 import socket
 import stat
 import struct
@@ -33,7 +34,7 @@ from dispatcher.errors import (
     Overloaded,
     UnknownJob,
 )
-from dispatcher.jobs import ChunkSink, Job
+from dispatcher.jobs import Job
 from dispatcher.protocol import (
     Accepted,
     CancelRequest,
@@ -56,7 +57,8 @@ from dispatcher.scheduler import KnownJob, Scheduler
 log = structlog.get_logger("dispatcher.server")
 
 PERSIST_TIMEOUT_S = 60.0  # the journal commits in milliseconds; this only bounds a sick disk
-WRITE_TIMEOUT_S = 30.0  # a client that reads nothing for this long is dropped
+WRITE_TIMEOUT_S = 30.0
+HALF_CLOSE_POLL_S = 1.0  # after a half-close, how often to check the peer is still there  # a client that reads nothing for this long is dropped
 PARTIAL_LINE_TIMEOUT_S = 30.0  # a started line must be finished within this
 ROOT_UID = 0
 
@@ -78,7 +80,7 @@ class Server:
         self._inherited = inherited
         self._ids = itertools.count(1)
         self.connections: set[Connection] = set()
-        self._accepting = anyio.CancelScope()
+        self._listener: SocketListener | None = None
 
     def __repr__(self) -> str:
         return f"<Server {self.path} connections {len(self.connections)}/{self.config.max_connections}>"
@@ -87,21 +89,29 @@ class Server:
         sock = self._inherited or bind_unix_socket(
             self.path, int(self.config.socket_mode, 8), self.config.socket_group
         )
-        listener = await SocketListener.from_socket(sock)
+        self._listener = await SocketListener.from_socket(sock)
         try:
             async with anyio.create_task_group() as tg:
-                with self._accepting:
-                    task_status.started()
-                    async with listener:
-                        await listener.serve(self._handle, task_group=tg)
+                task_status.started()
+                try:
+                    await self._listener.serve(self._handle, task_group=tg)
+                except anyio.ClosedResourceError:
+                    pass  # stop_accepting closed the listener; open connections carry on
         finally:
-            if self._inherited is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
+            await self._listener.aclose()
+            self._remove_socket_file()
 
-    def stop_accepting(self) -> None:
-        """Close the listening socket; connections already open keep being served."""
-        self._accepting.cancel()
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; connections already open keep being served.
+
+        Closing (rather than cancelling the accept) lets anyio settle its pending
+        accept future itself, which uvloop otherwise may try to complete twice.
+        """
+        if self._listener is not None:
+            await self._listener.aclose()
+        self._remove_socket_file()
+
+    def _remove_socket_file(self) -> None:
         if self._inherited is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
@@ -137,6 +147,7 @@ class Connection:
         self._lock = anyio.Lock()
         self._closed = False
         self._scope: anyio.CancelScope | None = None
+        self._changed = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<Connection {self.client} jobs {len(self.jobs)}>"
@@ -161,19 +172,40 @@ class Connection:
                         )
                     )
                     break
-                except (
-                    anyio.EndOfStream,
-                    anyio.IncompleteRead,
-                    anyio.BrokenResourceError,
-                    anyio.ClosedResourceError,
-                    OSError,
-                ):
+                except (anyio.EndOfStream, anyio.IncompleteRead):
+                    # The client stopped sending. A half-close (shutdown(SHUT_WR)) still
+                    # wants its answers; a full close does not.
+                    if self.jobs and not self._peer_gone():
+                        await self._finish_after_half_close()
+                    break
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     break
                 if line is None:
                     break
                 if line.strip():
                     self._dispatch(line, decoder, tg)
             tg.cancel_scope.cancel()
+
+    def _peer_gone(self) -> bool:
+        """True once the peer closed both directions (POLLHUP), not just its sending side."""
+        try:
+            sock = self.stream.extra(SocketAttribute.raw_socket)
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            events = poller.poll(0)
+        except (OSError, ValueError, anyio.TypedAttributeLookupError):
+            return True
+        return any(mask & (select.POLLHUP | select.POLLERR) for _fd, mask in events)
+
+    async def _finish_after_half_close(self) -> None:
+        """Deliver the answers still owed, checking now and then that the peer is still there."""
+        while self.jobs and not self._peer_gone():
+            with anyio.move_on_after(HALF_CLOSE_POLL_S):
+                await self._jobs_changed().wait()
+
+    def _jobs_changed(self) -> anyio.Event:
+        self._changed = anyio.Event()
+        return self._changed
 
     async def _read_line(self, reader: BufferedByteReceiveStream, limit: int) -> bytes | None:
         """The next line; None when the connection should close for idleness or a stalled line."""
@@ -194,15 +226,7 @@ class Connection:
             return
         match request:
             case ChatRequest() | EmbedRequest():
-                if request.id in self.jobs:
-                    error = RequestError(
-                        f"id {request.id!r} is already in flight on this connection; "
-                        "use a new id per request",
-                        request_id=request.id,
-                    )
-                    tg.start_soon(self.send, error_reply(request.id, error))
-                else:
-                    tg.start_soon(self._run_job, request, len(line))
+                self._start_job(request, len(line), tg)
             case CancelRequest():
                 tg.start_soon(self.send, self._cancel(request))
             case ResultRequest():
@@ -212,42 +236,65 @@ class Connection:
             case PingRequest():
                 tg.start_soon(self.send, Pong(id=request.id))
 
-    async def _run_job(self, request: ChatRequest | EmbedRequest, size: int) -> None:
+    def _start_job(
+        self, request: ChatRequest | EmbedRequest, size: int, tg: anyio.abc.TaskGroup
+    ) -> None:
+        """Submit now, so a `cancel` or a reused id on the next line already sees the job."""
+        if request.id in self.jobs:
+            error = RequestError(
+                f"id {request.id!r} is already in flight on this connection; "
+                "use a new id per request",
+                request_id=request.id,
+            )
+            tg.start_soon(self.send, error_reply(request.id, error))
+            return
         stream = isinstance(request, ChatRequest) and request.stream
         try:
-            job = await self._submit(request, size, self._send_chunk if stream else None)
+            job = self.scheduler.submit(
+                request,
+                client=self.client,
+                uid=self.uid,
+                on_chunk=self._send_chunk if stream else None,
+                size=size,
+            )
+        except KnownJob as known:
+            tg.start_soon(self._follow_known, request, known.job_id)
+            return
         except DispatcherError as exc:
-            await self.send(error_reply(request.id, exc))
+            tg.start_soon(self.send, error_reply(request.id, exc))
             return
-        if job.durable:
-            await self._persisted(job)
-        if request.detach:
-            await self.send(Accepted(id=request.id, job=job.id))
+        if not request.detach:
+            self.jobs[request.id] = job
+        tg.start_soon(self._follow, request, job)
+
+    async def _follow_known(self, request: ChatRequest | EmbedRequest, job_id: str) -> None:
+        job = await self.scheduler.resolve(job_id)
+        if job is None:
+            error = UnknownJob(f"the job for key {request.key!r} has expired from the journal")
+            await self.send(error_reply(request.id, error))
             return
-        self.jobs[request.id] = job
+        if not request.detach:
+            self.jobs[request.id] = job
+        await self._follow(request, job)
+
+    async def _follow(self, request: ChatRequest | EmbedRequest, job: Job) -> None:
+        """Persist (when journaled), acknowledge a detached job, or wait for the answer."""
         try:
+            if job.durable:
+                if not job.persisted.is_set() and self.scheduler.journal is not None:
+                    await self.scheduler.journal.accept(job)
+                await self._persisted(job)
+            if request.detach:
+                await self.send(Accepted(id=request.id, job=job.id))
+                return
             await _wait_final(job)
         finally:
-            self.jobs.pop(request.id, None)
+            if self.jobs.get(request.id) is job:
+                del self.jobs[request.id]
+                self._changed.set()
             if job.outcome is None and not job.durable:
                 self.scheduler.cancel(job)  # the client left; stop the work upstream
         await self.send(job.reply(request.id))
-
-    async def _submit(
-        self, request: ChatRequest | EmbedRequest, size: int, on_chunk: ChunkSink | None
-    ) -> Job:
-        try:
-            job = self.scheduler.submit(
-                request, client=self.client, uid=self.uid, on_chunk=on_chunk, size=size
-            )
-        except KnownJob as known:
-            found = await self.scheduler.resolve(known.job_id)
-            if found is None:
-                raise UnknownJob(f"the job for key {request.key!r} has expired") from None
-            return found
-        if job.durable and not job.persisted.is_set() and self.scheduler.journal is not None:
-            await self.scheduler.journal.accept(job)
-        return job
 
     async def _persisted(self, job: Job) -> None:
         with anyio.fail_after(PERSIST_TIMEOUT_S):
