@@ -92,7 +92,9 @@ def main() -> int:
                 daemon.kill()
                 code = daemon.wait()
             log.close()
-            print(f"\ndaemon stopped (exit code {code}); its log had {_count_lines(root / 'daemon.log')} lines")
+            print(
+                f"\ndaemon stopped (exit code {code}); its log had {_count_lines(root / 'daemon.log')} lines"
+            )
     return 0
 
 

@@ -98,7 +98,9 @@ def start_daemon(tmp_path: Path) -> Callable[..., Any]:
         env = dict(environ) if environ is not None else _keys_for(config)
         path = socket or str(tmp_path / "d.sock")
         if config.daemon.state_dir == DaemonConfig().state_dir:
-            daemon_config = msgspec.structs.replace(config.daemon, state_dir=str(tmp_path / "state"))
+            daemon_config = msgspec.structs.replace(
+                config.daemon, state_dir=str(tmp_path / "state")
+            )
             config = msgspec.structs.replace(config, daemon=daemon_config)
         options = Options(config_path=None, socket=path, environ=env, handle_signals=False)
         daemon = Daemon(config, options)
