@@ -49,9 +49,10 @@ class TokenBucket:
             self._level = min(self._level, float(burst))
 
     def _expire(self, now: float) -> None:
-        horizon = now - self.window_s
-        spent = self._spent
-        while spent and spent[0] <= horizon:
+        # ``t + window <= now``, the same sum next_free() reports, so a token is back
+        # exactly when next_free() said (``t <= now - window`` can differ by rounding).
+        spent, window = self._spent, self.window_s
+        while spent and spent[0] + window <= now:
             spent.popleft()
 
     def _paced_level(self, now: float) -> float:

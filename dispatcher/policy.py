@@ -34,6 +34,7 @@ from dispatcher.jobs import Job
 from dispatcher.limits import RateLearner, TokenBucket
 
 EPSILON = 1e-6
+EXPIRY_SCAN = 64  # queued jobs checked for a hopeless deadline when nothing can start
 LATENCY_ALPHA = 0.2  # weight of a new observation in the latency average
 
 
@@ -277,24 +278,34 @@ def plan(
     now: float,
     *,
     per_provider: int,
+    retry_budget: int | None = None,
     max_scan: int = 4096,
 ) -> Plan:
     """Decide which queued jobs start now and where.
 
     ``jobs`` must come in the order they should be served (priority, then fair
     share). Stops as soon as no provider can start anything now, so a deep
-    queue costs nothing while every provider is busy.
+    queue costs nothing while every provider is busy. ``retry_budget`` caps how
+    many jobs that already had an attempt may start now (None: no cap), so a
+    failing provider cannot multiply the load on the others.
     """
     result = Plan()
     startable = {name: free for name, p in limits.items() if (free := p.free_now(now))}
     wake = _next_change(limits, now)
-    if not startable:
-        result.wake_at = wake
-        return result
+    # With nothing startable only the head of the queue is read, to fail fast the
+    # jobs that cannot start before their deadline; a deep queue costs nothing then.
+    limit = max_scan if startable else EXPIRY_SCAN
     paper: dict[str, _Paper] = {}
     for scanned, job in enumerate(jobs):
-        if scanned >= max_scan or not startable:
+        if scanned >= limit:
             break
+        if not startable:
+            limit = min(limit, scanned + EXPIRY_SCAN)
+            if job.deadline is None:
+                continue
+        is_retry = job.attempts > 0
+        if is_retry and retry_budget is not None and retry_budget <= 0:
+            continue
         best_name, best_at, best_end = None, math.inf, math.inf
         for name in job.candidates(per_provider):
             state = limits.get(name)
@@ -318,6 +329,8 @@ def plan(
         paper[best_name].commit(best_at)
         if best_at <= now + EPSILON and best_name in startable:
             result.assign.append((job, best_name))
+            if is_retry and retry_budget is not None:
+                retry_budget -= 1
             startable[best_name] -= 1
             if not startable[best_name]:
                 del startable[best_name]

@@ -59,6 +59,8 @@ DEFAULT_TIMEOUT_S = 600.0
 FINISHED_KEPT = 10_000  # finished jobs kept in memory for `result`
 MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
 MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
+RETRY_BUDGET_MIN = 3  # retries that may always be in flight
+RETRY_BUDGET_SHARE = 0.2  # beyond that, at most this share of the attempts in flight
 
 
 class KnownJob(Exception):
@@ -109,6 +111,7 @@ class Scheduler:
         self.journal: Journal | None = None
         self.keys: dict[tuple[int, str], tuple[str, str]] = {}  # (uid, key) -> (digest, job id)
         self.queued_bytes = 0
+        self.retries_in_flight: set[str] = set()  # job ids whose running attempt is a retry
         self.draining = False  # journaled jobs still queued stay in the journal for the next run
         self._changed = anyio.Event()
 
@@ -359,6 +362,7 @@ class Scheduler:
         limits = self.limits[provider]
         started = limits.running.get(job.id, now)
         limits.release(job.id)
+        self.retries_in_flight.discard(job.id)
         job.provider = None
         self._poke()
         if outcome is not None:
@@ -502,7 +506,15 @@ class Scheduler:
         jobs: Iterable[Job] = self.queue
         if self.draining:
             jobs = (job for job in self.queue if not job.durable)
-        decided = policy.plan(jobs, self.limits, now, per_provider=self.config.retry.per_provider)
+        running = sum(limits.in_flight for limits in self.limits.values())
+        budget = max(RETRY_BUDGET_MIN, int(RETRY_BUDGET_SHARE * running))
+        decided = policy.plan(
+            jobs,
+            self.limits,
+            now,
+            per_provider=self.config.retry.per_provider,
+            retry_budget=budget - len(self.retries_in_flight),
+        )
         for job in decided.expired:
             self.queue.remove(job)
             self._finish(job, self._timeout_error(job, "could not start before its deadline"))
@@ -511,8 +523,11 @@ class Scheduler:
             self.limits[name].reserve(job.id, now)
             job.state, job.provider = "running", name
             job.attempts += 1
+            if job.attempts > 1:
+                self.retries_in_flight.add(job.id)
             if not self.actors[name].deliver(job):
                 self.limits[name].release(job.id)
+                self.retries_in_flight.discard(job.id)
                 job.attempts -= 1
                 job.provider = None
                 self._requeue(job)
