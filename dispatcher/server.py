@@ -93,10 +93,9 @@ class Server:
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started()
-                try:
+                # stop_accepting closes the listener; open connections carry on
+                with contextlib.suppress(anyio.ClosedResourceError):
                     await self._listener.serve(self._handle, task_group=tg)
-                except anyio.ClosedResourceError:
-                    pass  # stop_accepting closed the listener; open connections carry on
         finally:
             await self._listener.aclose()
             self._remove_socket_file()
