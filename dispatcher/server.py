@@ -146,7 +146,8 @@ class Connection:
         self._lock = anyio.Lock()
         self._closed = False
         self._scope: anyio.CancelScope | None = None
-        self._changed = anyio.Event()
+        self._outstanding = 0  # requests read whose final reply is not sent yet
+        self._replied = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<Connection {self.client} jobs {len(self.jobs)}>"
@@ -174,7 +175,7 @@ class Connection:
                 except (anyio.EndOfStream, anyio.IncompleteRead):
                     # The client stopped sending. A half-close (shutdown(SHUT_WR)) still
                     # wants its answers; a full close does not.
-                    if self.jobs and not self._peer_gone():
+                    if self._outstanding and not self._peer_gone():
                         await self._finish_after_half_close()
                     break
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -198,19 +199,19 @@ class Connection:
 
     async def _finish_after_half_close(self) -> None:
         """Deliver the answers still owed, checking now and then that the peer is still there."""
-        while self.jobs and not self._peer_gone():
+        while self._outstanding and not self._peer_gone():
+            self._replied = anyio.Event()
             with anyio.move_on_after(HALF_CLOSE_POLL_S):
-                await self._jobs_changed().wait()
-
-    def _jobs_changed(self) -> anyio.Event:
-        self._changed = anyio.Event()
-        return self._changed
+                await self._replied.wait()
 
     async def _read_line(self, reader: BufferedByteReceiveStream, limit: int) -> bytes | None:
         """The next line; None when the connection should close for idleness or a stalled line."""
         while True:
             with anyio.move_on_after(self._idle_limit(reader)) as scope:
-                return await reader.receive_until(b"\n", limit)
+                line = await reader.receive_until(b"\n", limit)
+                if len(line) > limit:  # its newline arrived in the same read as the excess
+                    raise anyio.DelimiterNotFound(limit)
+                return line
             if scope.cancelled_caught and (reader.buffer or not self.jobs):
                 return None
 
@@ -218,6 +219,7 @@ class Connection:
         return PARTIAL_LINE_TIMEOUT_S if reader.buffer else self.server.config.idle_timeout_s
 
     def _dispatch(self, line: bytes, decoder: RequestDecoder, tg: anyio.abc.TaskGroup) -> None:
+        self._outstanding += 1  # every line gets exactly one final reply
         try:
             request = decoder.decode(line)
         except RequestError as exc:
@@ -290,7 +292,6 @@ class Connection:
         finally:
             if self.jobs.get(request.id) is job:
                 del self.jobs[request.id]
-                self._changed.set()
             if job.outcome is None and not job.durable:
                 self.scheduler.cancel(job)  # the client left; stop the work upstream
         await self.send(job.reply(request.id))
@@ -343,6 +344,9 @@ class Connection:
         """Write one reply; on a dead or stuck client, close the connection and return False."""
         if self._closed:
             return False
+        if not isinstance(reply, Chunk):
+            self._outstanding -= 1
+            self._replied.set()
         data = encode_line(reply)
         try:
             async with self._lock:
