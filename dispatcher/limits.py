@@ -104,19 +104,55 @@ class TokenBucket:
         return len(self._spent)
 
 
+class WindowCounter:
+    """Events in the last ``window_s``, in one-second bins: bounded memory at any rate."""
+
+    __slots__ = ("_bins", "window_s")
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._bins: deque[list[float]] = deque()  # [second, count]
+
+    def __repr__(self) -> str:
+        return f"<WindowCounter {self.count(self._bins[-1][0] if self._bins else 0.0)}>"
+
+    def add(self, now: float) -> None:
+        second = math.floor(now)
+        if self._bins and self._bins[-1][0] == second:
+            self._bins[-1][1] += 1
+        else:
+            self._bins.append([second, 1])
+
+    def count(self, now: float) -> int:
+        bins = self._bins
+        while bins and bins[0][0] + 1 + self.window_s <= now:
+            bins.popleft()
+        return int(sum(c for _, c in bins))
+
+
 class RateLearner:
     """AIMD on the request rate of a provider whose limit is unknown.
 
-    Starts unlimited. A 429 sets the rate to half of what was sent in the last
-    window (at least 1/min); each success then adds ``1/rate`` so the rate grows
-    by about one request per minute while nothing is refused.
+    Starts unlimited. A lone 429 that came with a Retry-After is taken at its
+    word (the caller waits it out) and teaches nothing; a second one within the
+    window, or one without Retry-After, sets the rate to half of what was sent
+    in the window (at least 1/min). Each success then adds ``1/rate``, so the
+    rate grows by about one request per minute while nothing is refused.
     """
 
-    __slots__ = ("ceiling", "rpm")
+    __slots__ = ("_last_429", "ceiling", "rpm", "window_s")
 
-    def __init__(self, *, ceiling: float = 10_000.0) -> None:
+    def __init__(self, *, ceiling: float = 10_000.0, window_s: float = 60.0) -> None:
         self.rpm: float | None = None
         self.ceiling = ceiling
+        self.window_s = window_s
+        self._last_429 = -math.inf
+
+    def should_learn(self, now: float, *, had_retry_after: bool) -> bool:
+        """Whether this 429 says something about the rate, not just a passing burst."""
+        repeated = now - self._last_429 < self.window_s
+        self._last_429 = now
+        return repeated or not had_retry_after or self.rpm is not None
 
     def __repr__(self) -> str:
         rate = "unlimited" if self.rpm is None else f"{self.rpm:.1f}/min"

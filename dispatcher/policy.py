@@ -31,7 +31,7 @@ from dispatcher.errors import (
     UpstreamFailed,
 )
 from dispatcher.jobs import Job
-from dispatcher.limits import RateLearner, TokenBucket
+from dispatcher.limits import RateLearner, TokenBucket, WindowCounter
 
 EPSILON = 1e-6
 EXPIRY_SCAN = 64  # queued jobs checked for a hopeless deadline when nothing can start
@@ -60,6 +60,7 @@ class ProviderLimits:
     ok: int = 0
     failed: int = 0
     rate_limited: int = 0
+    sent: WindowCounter = field(default_factory=WindowCounter)  # requests in the last minute
 
     @classmethod
     def from_config(
@@ -112,6 +113,7 @@ class ProviderLimits:
 
     def reserve(self, job_id: str, now: float) -> None:
         self.bucket.take(now)
+        self.sent.add(now)
         self.running[job_id] = now
 
     def release(self, job_id: str) -> None:
@@ -123,11 +125,12 @@ class ProviderLimits:
     def block(self, until: float) -> None:
         self.blocked_until = max(self.blocked_until, until)
 
-    def learn_from_429(self, now: float) -> None:
+    def learn_from_429(self, now: float, *, had_retry_after: bool) -> None:
         """For a provider with no published limit, halve the rate it may use."""
-        if self.learner is not None:
-            self.learner.on_rate_limited(self.bucket.spent_in_window(now) or self.in_flight)
-            self.bucket.set_rpm(self.learner.bucket_rpm)
+        learner = self.learner
+        if learner is not None and learner.should_learn(now, had_retry_after=had_retry_after):
+            learner.on_rate_limited(max(self.sent.count(now), self.in_flight, 1))
+            self.bucket.set_rpm(learner.bucket_rpm)
 
     def learn_from_success(self) -> None:
         if self.learner is not None and self.learner.rpm is not None:
@@ -387,7 +390,10 @@ def judge_failure(
     else:
         job.holds[provider] = now + backoff_s(count, retry, rng)
     if job.deadline is not None and now >= job.deadline:
-        return Timeout(f"the job's deadline passed after {describe_attempts(job)}")
+        return Timeout(
+            f"the job's deadline passed after {describe_attempts(job)}; "
+            "allow more time with timeout_s"
+        )
     if job.attempts >= retry.max_attempts:
         return UpstreamFailed(f"gave up after {describe_attempts(job)}")
     if not job.candidates(retry.per_provider):

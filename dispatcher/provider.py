@@ -31,6 +31,7 @@ from dispatcher.adapters import ChatAnswer, EmbedAnswer, RateLimitInfo
 from dispatcher.config import ProviderConfig
 from dispatcher.errors import UpstreamError, status_kind
 from dispatcher.jobs import Job
+from dispatcher.logs import redact_text
 from dispatcher.policy import ProviderLimits
 from dispatcher.protocol import ChatRequest, Chunk, EmbedRequest
 
@@ -184,7 +185,8 @@ class ProviderActor:
                 payload = await response.content.read(MAX_ERROR_BODY)
                 raise UpstreamError(
                     status_kind(response.status),
-                    adapters.parse_error_message(payload),
+                    # upstreams sometimes quote the key back ("invalid key sk-..."): never pass it on
+                    redact_text(adapters.parse_error_message(payload)),
                     status=response.status,
                     retry_after_s=adapters.retry_after_seconds(response.headers, time.time()),
                 )
@@ -244,7 +246,13 @@ class ProviderActor:
 
 
 def translate(exc: BaseException) -> UpstreamError:
-    """The one place foreign exceptions become upstream errors."""
+    """The one place foreign exceptions become upstream errors (their text redacted)."""
+    error = _translate(exc)
+    error.detail = redact_text(error.detail)
+    return error
+
+
+def _translate(exc: BaseException) -> UpstreamError:
     match exc:
         case adapters.AnswerFormatError():
             return UpstreamError("bad_answer", f"the answer was not usable: {exc}")

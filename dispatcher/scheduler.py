@@ -426,7 +426,7 @@ class Scheduler:
             if wait is None:
                 wait = policy.backoff_s(1, self.config.retry, self.rng)
             limits.block(now + wait)
-            limits.learn_from_429(now)
+            limits.learn_from_429(now, had_retry_after=error.retry_after_s is not None)
         elif error.kind == "auth":
             self._disable(
                 provider,

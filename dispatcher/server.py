@@ -344,9 +344,6 @@ class Connection:
         """Write one reply; on a dead or stuck client, close the connection and return False."""
         if self._closed:
             return False
-        if not isinstance(reply, Chunk):
-            self._outstanding -= 1
-            self._replied.set()
         data = encode_line(reply)
         try:
             async with self._lock:
@@ -355,6 +352,10 @@ class Connection:
         except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             self.close()
             return False
+        finally:
+            if not isinstance(reply, Chunk):  # counted once it is written (or cannot be)
+                self._outstanding -= 1
+                self._replied.set()
         return True
 
     def close(self) -> None:
