@@ -99,10 +99,6 @@ class TokenBucket:
         self._expire(now)
         return [t + self.window_s for t in self._spent]
 
-    def spent_in_window(self, now: float) -> int:
-        self._expire(now)
-        return len(self._spent)
-
 
 class WindowCounter:
     """Events in the last ``window_s``, in one-second bins: bounded memory at any rate."""
