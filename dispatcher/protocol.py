@@ -71,9 +71,24 @@ class PingRequest(_Request, tag="ping"):
     pass
 
 
-Request = ChatRequest | EmbedRequest | CancelRequest | ResultRequest | StatusRequest | PingRequest
+class HealthRequest(_Request, tag="health"):
+    """Probe every enabled provider with a tiny request, through its limits."""
+
+    providers: list[str] | None = None
+    timeout_s: TimeoutS = 30.0
+
+
+Request = (
+    ChatRequest
+    | EmbedRequest
+    | CancelRequest
+    | ResultRequest
+    | StatusRequest
+    | PingRequest
+    | HealthRequest
+)
 JobRequest = ChatRequest | EmbedRequest
-OPS = ("chat", "embed", "cancel", "result", "status", "ping")
+OPS = ("chat", "embed", "cancel", "result", "status", "ping", "health")
 
 
 # -- replies -------------------------------------------------------------------------
@@ -140,6 +155,17 @@ class Pong(_Reply, tag="pong"):
     pass
 
 
+class ProbeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    ok: bool
+    latency_ms: float | None = None
+    model: str | None = None
+    error: str | None = None
+
+
+class Health(_Reply, tag="health"):
+    providers: dict[str, ProbeResult]
+
+
 class Pending(_Reply, tag="pending"):
     job: str
     state: JobState
@@ -153,7 +179,7 @@ class Error(_Reply, tag="error"):
     retry_after_s: float | None = None
 
 
-Reply = Accepted | Chunk | Result | Status | Pong | Pending | Error
+Reply = Accepted | Chunk | Result | Status | Pong | Pending | Error | Health
 
 
 def error_reply(request_id: str | None, exc: DispatcherError, job: str | None = None) -> Error:

@@ -45,6 +45,7 @@ from dispatcher.protocol import (
     ChatRequest,
     EmbedRequest,
     JobRequest,
+    ProbeResult,
     ProviderStatus,
     Result,
     Status,
@@ -323,6 +324,39 @@ class Scheduler:
         job.finish(stored.outcome)
         return job
 
+    async def probe(self, name: str, *, timeout_s: float) -> ProbeResult:
+        """A one-token job pinned to ``name``, queued like any other (free tiers count it)."""
+        limits = self.limits.get(name)
+        if limits is None:
+            return ProbeResult(ok=False, error="no such provider")
+        if not limits.enabled:
+            return ProbeResult(ok=False, error=limits.problem or "disabled")
+        request: JobRequest
+        if limits.config.kind == "embed":
+            request = EmbedRequest(id=f"health-{name}", input="ping", providers=[name])
+        else:
+            request = ChatRequest(
+                id=f"health-{name}",
+                messages=[{"role": "user", "content": "ping"}],
+                max_tokens=1,
+                task="realtime",
+                providers=[name],
+                timeout_s=timeout_s,
+            )
+        try:
+            job = self._accept(request, client="health", uid=0)
+        except DispatcherError as exc:
+            return ProbeResult(ok=False, error=exc.message)
+        with anyio.move_on_after(timeout_s + 5):
+            await job.done.wait()
+        outcome = job.outcome
+        if isinstance(outcome, Result):
+            return ProbeResult(ok=True, latency_ms=outcome.latency_ms, model=outcome.model)
+        if isinstance(outcome, DispatcherError):
+            return ProbeResult(ok=False, error=outcome.message)
+        self.cancel(job)
+        return ProbeResult(ok=False, error=f"no answer within {timeout_s:g} s")
+
     async def wait_idle(self) -> None:
         """Return once no job is queued or running."""
         await self._idle.wait()
@@ -428,6 +462,7 @@ class Scheduler:
             limits.block(now + wait)
             limits.learn_from_429(now, had_retry_after=error.retry_after_s is not None)
         elif error.kind == "auth":
+            error.detail = f"{error.detail}; the key was refused: check {self._key_hint(provider)}"
             self._disable(
                 provider,
                 f"the key was refused (HTTP {error.status}); check {self._key_hint(provider)} and reload",

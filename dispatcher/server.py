@@ -41,9 +41,12 @@ from dispatcher.protocol import (
     ChatRequest,
     Chunk,
     EmbedRequest,
+    Health,
+    HealthRequest,
     Pending,
     PingRequest,
     Pong,
+    ProbeResult,
     Reply,
     RequestDecoder,
     RequestError,
@@ -236,6 +239,8 @@ class Connection:
                 tg.start_soon(self.send, self.scheduler.status(request.id))
             case PingRequest():
                 tg.start_soon(self.send, Pong(id=request.id))
+            case HealthRequest():
+                tg.start_soon(self._health, request)
 
     def _start_job(
         self, request: ChatRequest | EmbedRequest, size: int, tg: anyio.abc.TaskGroup
@@ -333,6 +338,19 @@ class Connection:
             return
         await _wait_final(job)
         await self.send(job.reply(request.id))
+
+    async def _health(self, request: HealthRequest) -> None:
+        """Send one tiny job pinned to each provider, concurrently, and report each outcome."""
+        names = request.providers or list(self.scheduler.limits)
+        results: dict[str, ProbeResult] = {}
+
+        async def probe(name: str) -> None:
+            results[name] = await self.scheduler.probe(name, timeout_s=request.timeout_s)
+
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(probe, name)
+        await self.send(Health(id=request.id, providers={n: results[n] for n in names}))
 
     def _may_see(self, job: Job) -> bool:
         return self.uid in (job.uid, ROOT_UID)

@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.protocol import Accepted, Chunk, Error, Pong, Result, Status
+from dispatcher.protocol import Accepted, Chunk, Error, Health, Pong, Result, Status
 from dispatcher.simulator import Behaviour
 from tests.conftest import build_config, chat, fakes, provider_entry
 
@@ -167,3 +167,18 @@ async def test_many_requests_in_flight_on_one_connection(start_daemon: Any) -> N
         assert reply.id == rid
         assert f"question {rid[1:]}" in (reply.content or "")
     assert f["a"].stats.max_in_flight <= 4
+
+
+async def test_health_probes_each_provider_once(start_daemon: Any) -> None:
+    """health sends one tiny request per provider and reports who answered and why not."""
+    async with fakes(good=Behaviour(name="good"), bad=Behaviour(name="bad")) as f:
+        f["bad"].set_down(401)
+        config = build_config({"good": provider_entry(f["good"]), "bad": provider_entry(f["bad"])})
+        async with start_daemon(config) as running, running.client() as client:
+            reply = await client.call({"op": "health", "timeout_s": 5})
+    assert isinstance(reply, Health)
+    assert reply.providers["good"].ok
+    assert not reply.providers["bad"].ok
+    assert "KEY_BAD" in (reply.providers["bad"].error or "")
+    assert f["good"].stats.requests == 1
+    assert f["good"].stats.bodies[-1]["max_tokens"] == 1
