@@ -105,6 +105,7 @@ class Daemon:
             finally:
                 for actor in self.scheduler.actors.values():
                     actor.close()
+                self.notifier.close()
         log.info("daemon.stopped", exit_code=self.exit_code)
         return self.exit_code
 
