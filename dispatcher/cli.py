@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import msgspec
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dispatcher import __version__
@@ -26,7 +27,7 @@ from dispatcher.config import (
     resolve_key,
     socket_path,
 )
-from dispatcher.protocol import Chunk, Error, Reply, Result, Status
+from dispatcher.protocol import Chunk, Error, Health, Reply, Result, Status
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: no daemon
@@ -127,9 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = verb("status", cmd_status, "show every provider's live state")
     status.add_argument("--json", action="store_true")
 
+    health = verb("health", cmd_health, "send a tiny probe to each provider and print a table")
+    health.add_argument("--provider", action="append", help="probe only this provider (repeatable)")
+    health.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per probe (default 30)"
+    )
+    health.add_argument("--json", action="store_true")
+
     verb(
         "check-config", cmd_check_config, "validate the configuration and print what it resolves to"
     )
+    from dispatcher.bench import add_bench_arguments, cmd_bench
+
+    bench = verb("bench", cmd_bench, "run scheduling scenarios against the built-in simulator")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -284,6 +296,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         out.print(status_table(reply))
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"op": "health", "timeout_s": args.timeout}
+    if args.provider:
+        payload["providers"] = args.provider
+
+    async def go() -> Reply:
+        async with Client.connect(_client_socket(args)) as client:
+            return await client.call(payload)
+
+    reply = _run(go)
+    if isinstance(reply, Error):
+        _print_error(reply)
+        return EXIT_FAILED
+    assert isinstance(reply, Health)
+    if args.json:
+        _write(msgspec.json.encode(reply).decode() + "\n")
+    else:
+        table = Table(title="health (one tiny request per provider)", title_justify="left")
+        for column in ("provider", "ok", "latency", "model / error"):
+            table.add_column(column)
+        for name, probe in reply.providers.items():
+            table.add_row(
+                name,
+                "[green]yes[/]" if probe.ok else "[red]no[/]",
+                f"{probe.latency_ms:.0f} ms" if probe.latency_ms is not None else "-",
+                escape(probe.model or "") if probe.ok else escape(probe.error or ""),
+            )
+        out.print(table)
+    return 0 if all(p.ok for p in reply.providers.values()) else EXIT_FAILED
 
 
 def status_table(status: Status) -> Table:

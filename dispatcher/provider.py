@@ -72,7 +72,9 @@ class ProviderActor:
         self._key = key
         self._report = report
         self._clock = clock
-        capacity = config.concurrency * 2 + 8
+        # Reservations keep it at most `concurrency` deep; the slack absorbs a reload
+        # that raises the concurrency without recreating the stream.
+        capacity = max(1024, config.concurrency * 4)
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Job](capacity)
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._session: aiohttp.ClientSession | None = None
