@@ -373,18 +373,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(path)
     out.print(f"config: {path or 'built-in table (no file found)'}")
     table = Table(title="providers", title_justify="left")
-    for column in (
-        "name",
-        "kind",
-        "adapter",
-        "model",
-        "concurrency",
-        "rpm",
-        "window",
-        "thinking",
-        "key",
-    ):
-        table.add_column(column)
+    for column in ("name", "kind", "adapter", "model", "slots", "rpm", "window", "thinking"):
+        table.add_column(column, no_wrap=column in ("name", "model", "rpm", "slots"))
+    keys: list[str] = []
     problems = 0
     for name, provider in config.providers.items():
         key = resolve_key(provider, os.environ)
@@ -398,9 +389,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             str(provider.rpm or "-"),
             f"{provider.context_window:,}",
             "yes" if provider.thinking else "no",
-            key.masked() if key.key is not None else f"[yellow]{key.masked()} (disabled)[/]",
         )
+        state = "" if key.key is not None else " [yellow](provider disabled)[/]"
+        keys.append(f"  {name}: {escape(key.masked())}{state}")
     out.print(table)
+    out.print("keys (never shown, only where they come from):")
+    for line in keys:
+        out.print(line)
     classes = Table(title="classes", title_justify="left")
     for column in ("class", "strategy", "providers (preference order)"):
         classes.add_column(column)

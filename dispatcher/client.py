@@ -106,8 +106,11 @@ class Client:
                 waiting.close()
 
     async def send(self, payload: Mapping[str, Any]) -> None:
-        async with self._lock:
-            await self._stream.send(self._encoder.encode(payload) + b"\n")
+        try:
+            async with self._lock:
+                await self._stream.send(self._encoder.encode(payload) + b"\n")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost("the daemon closed the connection") from exc
 
     async def request(self, payload: Mapping[str, Any]) -> AsyncIterator[Reply]:
         """Send one request; yield its replies up to and including the final one."""

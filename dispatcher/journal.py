@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import sqlite3
 import threading
 import time
@@ -73,6 +74,32 @@ class StoredJob(msgspec.Struct, frozen=True, kw_only=True):
     request: JobRequest
     state: str
     outcome: Result | Error | None
+
+
+_ACCEPT = (
+    "INSERT INTO jobs (id, uid, key, digest, request, state, outcome, accepted_at, finished_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING"
+)
+# An upsert: an answer found at once (a cache hit) may reach the writer before its
+# accept did; that later accept then does nothing.
+_FINISH = (
+    "INSERT INTO jobs (id, uid, key, digest, request, state, outcome, accepted_at, finished_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state,"
+    " outcome = excluded.outcome, finished_at = excluded.finished_at, key = excluded.key"
+)
+
+
+def _row(job: Job, now: float) -> tuple[object, ...]:
+    """The job's row as it stands: accepted, or finished with its answer."""
+    outcome = job.outcome
+    if outcome is None:
+        state, blob, finished = "accepted", None, None
+    else:
+        state = "done" if isinstance(outcome, Result) else "failed"
+        blob, finished = _encoder.encode(job.reply(job.request.id)), now
+    key = None if job.key_released else job.request.key
+    request = _encoder.encode(job.request)
+    return (job.id, job.uid, key, job.digest, request, state, blob, now, finished)
 
 
 def request_digest(request: JobRequest) -> str:
@@ -181,45 +208,16 @@ class Journal:
             job.done.set()
 
     def _commit(self, batch: list[_Write]) -> None:
+        """One transaction for the whole batch, its writes applied in the order queued
+        (a key freed by one job's failure may be taken by the next job in the batch)."""
         now = self._clock()
-        accepts = []
-        finishes = []
-        for write in batch:
-            job = write.job
-            if write.kind == "accept":
-                request = job.request
-                accepts.append(
-                    (
-                        job.id,
-                        job.uid,
-                        request.key,
-                        job.digest,
-                        _encoder.encode(request),
-                        now,
-                    )
-                )
-            else:
-                outcome = job.outcome
-                state = "done" if isinstance(outcome, Result) else "failed"
-                blob = _encoder.encode(job.reply(job.request.id)) if outcome is not None else None
-                key = None if job.key_released else job.request.key
-                finishes.append((state, blob, now, key, job.id))
         db = self._require_db()
         with self._lock:
             db.execute("BEGIN")
             try:
-                if accepts:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO jobs (id, uid, key, digest, request, state, accepted_at)"
-                        " VALUES (?, ?, ?, ?, ?, 'accepted', ?)",
-                        accepts,
-                    )
-                if finishes:
-                    db.executemany(
-                        "UPDATE jobs SET state = ?, outcome = ?, finished_at = ?, key = ?"
-                        " WHERE id = ?",
-                        finishes,
-                    )
+                for kind, writes in itertools.groupby(batch, key=lambda w: w.kind):
+                    rows = [_row(write.job, now) for write in writes]
+                    db.executemany(_ACCEPT if kind == "accept" else _FINISH, rows)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

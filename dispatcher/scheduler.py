@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
 from dispatcher import policy
+from dispatcher.cache import ResponseCache, cache_key
 from dispatcher.config import Config
 from dispatcher.errors import (
     Cancelled,
@@ -112,7 +114,10 @@ class Scheduler:
         self.journal: Journal | None = None
         self.keys: dict[tuple[int, str], tuple[str, str]] = {}  # (uid, key) -> (digest, job id)
         self.queued_bytes = 0
-        self.retries_in_flight: set[str] = set()  # job ids whose running attempt is a retry
+        self.retries_in_flight: set[str] = set()
+        self.cache = ResponseCache(
+            ttl_s=config.cache.ttl_s, max_bytes=config.cache.max_bytes
+        )  # job ids whose running attempt is a retry
         self.draining = False  # journaled jobs still queued stay in the journal for the next run
         self._changed = anyio.Event()
 
@@ -186,11 +191,26 @@ class Scheduler:
         self.active[job.id] = job
         if self._idle.is_set():
             self._idle = anyio.Event()
+        job.cache_key = cache_key(request, job.klass)
+        cached = self.cache.get(job.cache_key) if job.cache_key else None
+        if cached is not None:
+            self._finish(job, self._from_cache(job, cached, now))
+            return job
         self.queue.push(job)
         if job.deadline is not None:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
         self._poke()
         return job
+
+    def _from_cache(self, job: Job, cached: Result, now: float) -> Result:
+        return msgspec.structs.replace(
+            cached,
+            id=job.request.id,
+            job=job.id,
+            cached=True,
+            attempts=0,
+            latency_ms=round((self.clock() - now) * 1000, 3),
+        )
 
     def _make_job(
         self,
@@ -448,6 +468,8 @@ class Scheduler:
             result.reasoning = getattr(body, "reasoning", None)
         else:
             result.embeddings = getattr(body, "embeddings", [])
+        if job.cache_key is not None:
+            self.cache.put(job.cache_key, result)
         self._finish(job, result)
 
     def _on_failure(
