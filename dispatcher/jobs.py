@@ -50,6 +50,8 @@ class Job:
     key_released: bool = False  # failed in a way that frees its key for a retry
     size: int = 0  # bytes of the request line, held in memory while queued
     cache_key: str | None = None  # where its answer goes in the response cache
+    hedge: Job | None = None  # the second copy sent while this one was slow
+    hedge_of: Job | None = None  # set on that copy: the job it races for
     outcome: Result | Error | DispatcherError | None = None  # Error: replayed from the journal
     done: anyio.Event = field(default_factory=anyio.Event)
     persisted: anyio.Event = field(default_factory=anyio.Event)  # its journal row is committed

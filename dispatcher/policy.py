@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ class ProviderLimits:
     failed: int = 0
     rate_limited: int = 0
     sent: WindowCounter = field(default_factory=WindowCounter)  # requests in the last minute
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=200))  # service times
 
     @classmethod
     def from_config(
@@ -121,6 +123,16 @@ class ProviderLimits:
 
     def observe_latency(self, seconds: float) -> None:
         self.latency_s += LATENCY_ALPHA * (seconds - self.latency_s)
+        self.recent.append(seconds)
+
+    def hedge_after_s(self) -> float:
+        """How long an attempt may run before it counts as slow: the 95th percentile of
+        recent service times, and at least 1.2x the mean (twice it until 20 are known),
+        so a tight distribution does not turn every small delay into a hedge."""
+        if len(self.recent) < 20:
+            return 2.0 * self.latency_s
+        ordered = sorted(self.recent)
+        return max(ordered[int(0.95 * (len(ordered) - 1))], 1.2 * self.latency_s)
 
     def block(self, until: float) -> None:
         self.blocked_until = max(self.blocked_until, until)

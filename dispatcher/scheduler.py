@@ -64,6 +64,7 @@ MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
 MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
 RETRY_BUDGET_MIN = 3  # retries that may always be in flight
 RETRY_BUDGET_SHARE = 0.2  # beyond that, at most this share of the attempts in flight
+HEDGE_SHARE = 0.05  # hedged copies are at most this share of all attempts
 
 
 class KnownJob(Exception):
@@ -115,6 +116,9 @@ class Scheduler:
         self.keys: dict[tuple[int, str], tuple[str, str]] = {}  # (uid, key) -> (digest, job id)
         self.queued_bytes = 0
         self.retries_in_flight: set[str] = set()
+        self._hedge_at: list[tuple[float, int, Job]] = []  # when a slow job gets a copy
+        self.attempts_sent = 0
+        self.hedges_sent = 0
         self.cache = ResponseCache(
             ttl_s=config.cache.ttl_s, max_bytes=config.cache.max_bytes
         )  # job ids whose running attempt is a retry
@@ -424,7 +428,11 @@ class Scheduler:
             latency = outcome.latency_s if isinstance(outcome, Answer) else max(0.0, now - started)
             for observer in self.observers:
                 observer.on_attempt(provider, kind, latency)
-        if isinstance(outcome, Answer):
+        if job.hedge_of is not None:
+            self._on_hedge_outcome(job, provider, limits, outcome, now)
+        elif job.outcome is not None:
+            return  # the race was won by its hedge; this attempt was cancelled
+        elif isinstance(outcome, Answer):
             self._on_success(job, provider, limits, outcome, now)
         elif isinstance(outcome, UpstreamError):
             self._on_failure(job, provider, limits, outcome, now)
@@ -440,9 +448,61 @@ class Scheduler:
             else:
                 self._requeue(job)
 
-    def _on_success(
-        self, job: Job, provider: str, limits: ProviderLimits, answer: Answer, now: float
+    def _on_hedge_outcome(
+        self, copy: Job, provider: str, limits: ProviderLimits, outcome: Outcome, now: float
     ) -> None:
+        """A hedged copy ended: its answer wins the race if the original has none yet.
+
+        A failed copy is dropped quietly: the original is still running and keeps
+        its own retries; the copy was only ever a bet on speed.
+        """
+        original = copy.hedge_of
+        assert original is not None
+        copy.finish(Cancelled("hedge finished"))
+        if isinstance(outcome, Answer):
+            self._record_success(limits, outcome, now)
+            if original.outcome is None:
+                original.attempts += 1
+                self._finish(original, self._result(original, provider, limits, outcome, now))
+                if original.provider is not None:
+                    self.actors[original.provider].cancel(original.id)
+        elif isinstance(outcome, UpstreamError):
+            limits.failed += 1
+            limits.rate_limited += outcome.kind == "rate_limited"
+
+    def _maybe_hedge(self, now: float) -> None:
+        """Send a second copy of slow hedgeable jobs to another provider, within budget."""
+        heap = self._hedge_at
+        while heap and heap[0][0] <= now:
+            _, _, job = heapq.heappop(heap)
+            if job.outcome is not None or job.state != "running" or job.hedge is not None:
+                continue
+            if self.hedges_sent + 1 > HEDGE_SHARE * self.attempts_sent:
+                continue
+            others = tuple(
+                p for p in job.candidates(self.config.retry.per_provider) if p != job.provider
+            )
+            if not any(self.limits[p].can_start(now) for p in others):
+                continue  # a copy that would wait in the queue is no faster
+            copy = Job(
+                id=f"{job.id}-hedge",
+                request=job.request,
+                kind=job.kind,
+                klass=job.klass,
+                eligible=others,
+                client=job.client,
+                uid=job.uid,
+                prompt_tokens=job.prompt_tokens,
+                accepted_at=now,
+                deadline=job.deadline,
+                hedge_of=job,
+            )
+            job.hedge = copy
+            self.hedges_sent += 1
+            self.queue.push(copy, front=True)
+            log.info("job.hedged", job=job.id, slow=job.provider, others=list(others))
+
+    def _record_success(self, limits: ProviderLimits, answer: Answer, now: float) -> None:
         limits.ok += 1
         limits.observe_latency(answer.latency_s)
         limits.circuit.on_success(limits.config.concurrency)
@@ -450,6 +510,19 @@ class Scheduler:
         info = answer.ratelimit
         if info is not None and info.remaining == 0 and info.reset_s:
             limits.block(now + info.reset_s)
+
+    def _on_success(
+        self, job: Job, provider: str, limits: ProviderLimits, answer: Answer, now: float
+    ) -> None:
+        self._record_success(limits, answer, now)
+        result = self._result(job, provider, limits, answer, now)
+        if job.cache_key is not None:
+            self.cache.put(job.cache_key, result)
+        self._finish(job, result)
+
+    def _result(
+        self, job: Job, provider: str, limits: ProviderLimits, answer: Answer, now: float
+    ) -> Result:
         body = answer.answer
         request = job.request
         result = Result(
@@ -468,9 +541,7 @@ class Scheduler:
             result.reasoning = getattr(body, "reasoning", None)
         else:
             result.embeddings = getattr(body, "embeddings", [])
-        if job.cache_key is not None:
-            self.cache.put(job.cache_key, result)
-        self._finish(job, result)
+        return result
 
     def _on_failure(
         self, job: Job, provider: str, limits: ProviderLimits, error: UpstreamError, now: float
@@ -545,7 +616,11 @@ class Scheduler:
             self.turns += 1
             now = self.clock()
             self._expire(now)
+            self._maybe_hedge(now)
             wake_at = self._dispatch(now)
+            if self._hedge_at:
+                first_hedge = self._hedge_at[0][0]
+                wake_at = first_hedge if wake_at is None else min(wake_at, first_hedge)
             if self._deadlines:
                 first = self._deadlines[0][0]
                 wake_at = first if wake_at is None else min(wake_at, first)
@@ -580,8 +655,12 @@ class Scheduler:
             self.limits[name].reserve(job.id, now)
             job.state, job.provider = "running", name
             job.attempts += 1
+            self.attempts_sent += 1
             if job.attempts > 1:
                 self.retries_in_flight.add(job.id)
+            if self._hedgeable(job):
+                hedge_at = now + self.limits[name].hedge_after_s()
+                heapq.heappush(self._hedge_at, (hedge_at, next(self._seq), job))
             if not self.actors[name].deliver(job):
                 self.limits[name].release(job.id)
                 self.retries_in_flight.discard(job.id)
@@ -589,6 +668,16 @@ class Scheduler:
                 job.provider = None
                 self._requeue(job)
         return decided.wake_at
+
+    def _hedgeable(self, job: Job) -> bool:
+        policy_ = self.config.classes.get(job.klass)
+        return (
+            policy_ is not None
+            and policy_.hedge
+            and job.hedge_of is None
+            and job.hedge is None
+            and not (isinstance(job.request, ChatRequest) and job.request.stream)
+        )
 
     def _expire(self, now: float) -> None:
         heap = self._deadlines
@@ -609,6 +698,12 @@ class Scheduler:
         durable = job.durable and self.journal is not None
         if not job.finish(outcome, deliver=not durable):
             return
+        copy = job.hedge
+        if copy is not None and copy.outcome is None:  # the original won, or gave up
+            copy.stop = Cancelled("the hedged job finished")
+            copy.finish(copy.stop)
+            if not self.queue.remove(copy) and copy.provider is not None:
+                self.actors[copy.provider].cancel(copy.id)
         if (
             isinstance(outcome, DispatcherError)
             and (outcome.retryable or isinstance(outcome, Cancelled))
