@@ -10,6 +10,7 @@ the old one kept).
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import signal
@@ -26,7 +27,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from dispatcher import logs, systemd
 from dispatcher.config import Config, ConfigError, ProviderConfig, load_config, resolve_key
 from dispatcher.errors import Cancelled
+from dispatcher.http_front import HttpFront
 from dispatcher.journal import Journal
+from dispatcher.metrics import serve_metrics
 from dispatcher.policy import ProviderLimits
 from dispatcher.provider import ProviderActor
 from dispatcher.scheduler import Scheduler
@@ -62,6 +65,7 @@ class Daemon:
         self.notifier = systemd.Notifier(options.environ)
         self.simulator: Simulator | None = None
         self.server: Server | None = None
+        self.http: HttpFront | None = None
         self._tg: TaskGroup | None = None
         self.exit_code = EXIT_OK
         self._stop = anyio.Event()
@@ -78,6 +82,7 @@ class Daemon:
                     for name, provider in self.config.providers.items():
                         await self._start_provider(name, provider)
                     await tg.start(self.scheduler.run)
+                    await self._start_metrics(tg)
                     if self.config.journal.enabled:
                         await self._open_journal(stack, tg)
                     inherited = systemd.listen_fds()
@@ -88,6 +93,7 @@ class Daemon:
                         inherited=inherited[0] if inherited else None,
                     )
                     await tg.start(self.server.run)
+                    await self._start_http(tg)
                     self.notifier.ready(self._summary())
                     log.info(
                         "daemon.ready",
@@ -108,6 +114,33 @@ class Daemon:
                 self.notifier.close()
         log.info("daemon.stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    async def _start_metrics(self, tg: TaskGroup) -> None:
+        """Prometheus text on [metrics]; kept up during a drain so the drain is visible."""
+        metrics, daemon = self.config.metrics, self.config.daemon
+        if metrics.listen or metrics.socket:
+            await tg.start(
+                functools.partial(
+                    serve_metrics,
+                    self.scheduler,
+                    metrics,
+                    socket_mode=int(daemon.socket_mode, 8),
+                    socket_group=daemon.socket_group,
+                )
+            )
+
+    async def _start_http(self, tg: TaskGroup) -> None:
+        """The OpenAI-compatible front on [http], onto the same scheduler."""
+        http, daemon = self.config.http, self.config.daemon
+        if http.listen or http.socket:
+            self.http = HttpFront(
+                self.scheduler,
+                http,
+                max_body_bytes=daemon.max_frame_bytes,
+                socket_mode=int(daemon.socket_mode, 8),
+                socket_group=daemon.socket_group,
+            )
+            await tg.start(self.http.run)
 
     async def _open_journal(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
         """Open the journal and replay what a previous run left unfinished."""
@@ -226,6 +259,8 @@ class Daemon:
         scheduler.drain()
         if self.server is not None:
             await self.server.stop_accepting()
+        if self.http is not None:
+            await self.http.stop_accepting()
         with anyio.move_on_after(self.config.daemon.drain_s):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_when, self._force, tg.cancel_scope)

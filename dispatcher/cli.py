@@ -44,13 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except DaemonNotRunning as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         return EXIT_UNAVAILABLE
     except ConnectionLost as exc:
-        err.print(f"[red]error:[/] {exc}; check the daemon's logs")
+        err.print(f"[red]error:[/] {escape(str(exc))}; check the daemon's logs")
         return EXIT_UNAVAILABLE
     except ConfigError as exc:
-        err.print(f"[red]config error:[/] {exc}")
+        err.print(f"[red]config error:[/] {escape(str(exc))}")
         return 78
     except KeyboardInterrupt:
         return 130
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default task for lines without one",
     )
 
+    from dispatcher.top import add_top_arguments, cmd_top
+
+    top = verb("top", cmd_top, "a live view of providers, classes and totals")
+    add_top_arguments(top)
+
     status = verb("status", cmd_status, "show every provider's live state")
     status.add_argument("--json", action="store_true")
 
@@ -164,7 +169,7 @@ def _client_socket(args: argparse.Namespace) -> str:
 
 def _print_error(reply: Error) -> None:
     hint = " (retryable)" if reply.retryable else ""
-    err.print(f"[red]error[/] [{reply.code}]{hint}: {reply.message}")
+    err.print(f"[red]error[/] {escape('[' + reply.code + ']')}{hint}: {escape(reply.message)}")
 
 
 def _write(text: str) -> None:

@@ -333,6 +333,11 @@ def _check_references(config: Config, source: str) -> None:
             )
         if not provider.url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: providers.{name}.url: expected an http(s) URL")
+    from dispatcher.http_front import parse_listen  # here: it pulls in aiohttp
+
+    for section, listen in (("http", config.http.listen), ("metrics", config.metrics.listen)):
+        if listen is not None:
+            parse_listen(listen, key=f"{source}: {section}.listen")
     try:
         int(config.daemon.socket_mode, 8)
     except ValueError:

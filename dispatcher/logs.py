@@ -19,7 +19,7 @@ import structlog
 # Shapes of real provider keys and bearer tokens: long runs of key-ish characters
 # with a known prefix, Zhipu's "<32 hex>.<16 chars>", or anything after "Bearer ".
 _KEY_PATTERNS = [
-    r"(?:sk|nvapi|pk|rk|ak)-[A-Za-z0-9_\-]{16,}",
+    r"(?<![A-Za-z0-9])(?:sk|nvapi|pk|rk|ak)-[A-Za-z0-9_\-]{16,}",  # not inside "task-..."
     r"[0-9a-f]{32}\.[A-Za-z0-9]{16}",
     r"bearer\s+[A-Za-z0-9._\-]{8,}",
     r"(?:api[_-]?key|token|secret|password)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9._\-]{8,}",

@@ -1,0 +1,287 @@
+"""Prometheus metrics: counters fed by the scheduler, gauges read from its status at scrape time.
+
+:class:`Metrics` is a scheduler :class:`~dispatcher.scheduler.Observer`: every
+upstream attempt and every final answer bumps a counter or a histogram.
+:class:`StatusCollector` reads :meth:`Scheduler.status` when Prometheus scrapes,
+so the gauges (queue depth, slots, tokens, circuit state) are never stale and
+cost nothing between scrapes. Both live in a registry of their own, never the
+process-global one: tests run many daemons in one process.
+
+:func:`serve_metrics` serves ``GET /metrics`` in the Prometheus text format
+(OpenMetrics when the scraper asks for it) on ``[metrics] listen`` and/or
+``[metrics] socket``, for as long as its task runs.
+
+Every metric name starts with ``dispatcher_``; labels are bounded by the
+configuration (providers, classes) and by our fixed code lists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Final, get_args
+
+import anyio
+import structlog
+from aiohttp import web
+from anyio.abc import TaskStatus
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from dispatcher.circuit import CircuitState
+from dispatcher.config import MetricsConfig
+from dispatcher.errors import UpstreamKind
+from dispatcher.http_front import WebService
+from dispatcher.jobs import Job
+from dispatcher.protocol import Result
+from dispatcher.scheduler import Scheduler
+
+log = structlog.get_logger("dispatcher.metrics")
+
+# LLM answers take from tens of milliseconds (embeddings) to minutes (thinking models).
+LATENCY_BUCKETS: Final = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+CIRCUIT_STATES: Final[tuple[str, ...]] = get_args(CircuitState)
+PROVIDER_STATES: Final = ("ready", "busy", "rate_limited", "disabled", *CIRCUIT_STATES[1:])
+ATTEMPT_OUTCOMES: Final[tuple[str, ...]] = ("ok", *get_args(UpstreamKind))
+
+
+class Metrics:
+    """The scheduler's counters and histograms, in a registry of their own.
+
+    Attach it with :meth:`attach` (it adds itself to ``scheduler.observers`` and
+    registers a :class:`StatusCollector`); :meth:`detach` undoes the first.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.jobs = Counter(
+            "dispatcher_jobs",
+            "Jobs answered, by class and outcome (ok or the error code).",
+            ["class", "outcome"],
+            registry=self.registry,
+        )
+        self.attempts = Counter(
+            "dispatcher_upstream_attempts",
+            "Upstream attempts, by provider and outcome (ok or the failure kind).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "dispatcher_upstream_rate_limited",
+            "Upstream 429 answers, by provider.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.job_latency = Histogram(
+            "dispatcher_job_latency_seconds",
+            "Time from acceptance to the answer of successful jobs, by class.",
+            ["class"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.attempt_latency = Histogram(
+            "dispatcher_upstream_latency_seconds",
+            "Duration of upstream attempts, by provider (failures included).",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._collector: StatusCollector | None = None
+
+    def __repr__(self) -> str:
+        attached = "attached" if self._collector is not None else "detached"
+        return f"<Metrics {attached}>"
+
+    # -- Observer ----------------------------------------------------------------------
+
+    def on_attempt(self, provider: str, outcome: str, latency_s: float) -> None:
+        self.attempts.labels(provider, outcome).inc()
+        self.attempt_latency.labels(provider).observe(latency_s)
+        if outcome == "rate_limited":
+            self.rate_limited.labels(provider).inc()
+
+    def on_job_done(self, job: Job, outcome: object) -> None:
+        """``outcome`` is a Result or anything with a wire ``code`` (an error, a replayed Error)."""
+        if isinstance(outcome, Result):
+            self.jobs.labels(job.klass, "ok").inc()
+            self.job_latency.labels(job.klass).observe(outcome.latency_ms / 1000)
+        else:
+            self.jobs.labels(job.klass, str(getattr(outcome, "code", "internal"))).inc()
+
+    # -- wiring ------------------------------------------------------------------------
+
+    def attach(self, scheduler: Scheduler) -> None:
+        """Observe ``scheduler`` and expose its live status; series start at zero."""
+        if self._collector is None:
+            self._collector = StatusCollector(scheduler)
+            self.registry.register(self._collector)
+        for name in scheduler.limits:
+            self.attempts.labels(name, "ok")
+            self.rate_limited.labels(name)
+        for klass in (*scheduler.config.classes, "embed"):
+            self.jobs.labels(klass, "ok")
+        if self not in scheduler.observers:
+            scheduler.observers.append(self)
+
+    def detach(self, scheduler: Scheduler) -> None:
+        """Stop observing (the collector stays: a last scrape still sees the status)."""
+        if self in scheduler.observers:
+            scheduler.observers.remove(self)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything, as a scrape would get it."""
+        return generate_latest(self.registry)
+
+
+class StatusCollector:
+    """Gauges read from :meth:`Scheduler.status` at scrape time."""
+
+    def __init__(
+        self, scheduler: Scheduler, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.scheduler = scheduler
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return f"<StatusCollector of {self.scheduler!r}>"
+
+    def collect(self) -> Iterable[Metric]:
+        status = self.scheduler.status()
+        yield _gauge("dispatcher_queue_depth", "Jobs waiting for a provider.", status.queued)
+        yield _gauge("dispatcher_running_jobs", "Upstream attempts in flight.", status.running)
+        yield _gauge(
+            "dispatcher_uptime_seconds", "Seconds since the daemon started.", status.uptime_s
+        )
+
+        by_class = GaugeMetricFamily(
+            "dispatcher_class_queue_depth", "Jobs waiting, by class.", labels=["class"]
+        )
+        classes = dict.fromkeys((*self.scheduler.config.classes, "embed"), 0) | status.classes
+        for klass, count in classes.items():
+            by_class.add_metric([klass], count)
+        yield by_class
+
+        families = {
+            "queued": (
+                "dispatcher_provider_queue_depth",
+                "Jobs waiting that this provider may take.",
+            ),
+            "in_flight": ("dispatcher_provider_in_flight", "Slots in use, by provider."),
+            "concurrency": ("dispatcher_provider_concurrency", "Slots, by provider."),
+            "rpm": (
+                "dispatcher_provider_rpm",
+                "Configured requests per minute (0: none published).",
+            ),
+            "tokens": (
+                "dispatcher_provider_tokens_available",
+                "Rate tokens available now, by provider.",
+            ),
+            "learned_rpm": (
+                "dispatcher_provider_learned_rpm",
+                "Requests per minute learned from 429s.",
+            ),
+            "latency": (
+                "dispatcher_provider_service_time_seconds",
+                "Smoothed service time, by provider.",
+            ),
+            "blocked": (
+                "dispatcher_provider_blocked_seconds",
+                "Seconds until a Retry-After block ends.",
+            ),
+        }
+        gauges = {
+            key: GaugeMetricFamily(name, doc, labels=["provider"])
+            for key, (name, doc) in families.items()
+        }
+        circuit = GaugeMetricFamily(
+            "dispatcher_provider_circuit_state",
+            "Circuit breaker state, by provider: 1 for the current state, 0 for the others.",
+            labels=["provider", "state"],
+        )
+        state = GaugeMetricFamily(
+            "dispatcher_provider_state",
+            "Provider state as `dispatcher status` shows it: 1 for the current one.",
+            labels=["provider", "state"],
+        )
+        for name, p in status.providers.items():
+            gauges["queued"].add_metric([name], p.queued)
+            gauges["in_flight"].add_metric([name], p.in_flight)
+            gauges["concurrency"].add_metric([name], p.concurrency)
+            gauges["rpm"].add_metric([name], p.rpm)
+            if p.tokens is not None:
+                gauges["tokens"].add_metric([name], p.tokens)
+            if p.learned_rpm is not None:
+                gauges["learned_rpm"].add_metric([name], p.learned_rpm)
+            gauges["latency"].add_metric([name], p.latency_ms / 1000)
+            gauges["blocked"].add_metric([name], p.blocked_for_s)
+            for value in dict.fromkeys((*CIRCUIT_STATES, p.circuit)):
+                circuit.add_metric([name, value], 1.0 if value == p.circuit else 0.0)
+            for value in dict.fromkeys((*PROVIDER_STATES, p.state)):
+                state.add_metric([name, value], 1.0 if value == p.state else 0.0)
+        yield from gauges.values()
+        yield circuit
+        yield state
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+async def serve_metrics(
+    scheduler: Scheduler,
+    config: MetricsConfig,
+    *,
+    socket_mode: int = 0o660,
+    socket_group: str | None = None,
+    metrics: Metrics | None = None,
+    task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` for ``scheduler`` until cancelled.
+
+    ``metrics`` lets the caller own the registry, so other parts (cache, journal)
+    can register their own collectors in it; by default a fresh one is made.
+    ``task_status.started`` gets the bound addresses (``http://host:port``,
+    ``unix:/path``) once every listener is up. On the way out the observer is
+    removed from the scheduler and the socket file is deleted.
+    """
+    # The *_created series double the output for nothing Prometheus uses. The switch is
+    # process-wide, which is fine: in the daemon no one else exports metrics.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+    metrics = metrics if metrics is not None else Metrics()
+    metrics.attach(scheduler)
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    service = WebService(
+        app,
+        name="metrics",
+        listen=config.listen,
+        socket_path=config.socket,
+        socket_mode=socket_mode,
+        socket_group=socket_group,
+    )
+    try:
+        await service.run(task_status=task_status)
+    finally:
+        metrics.detach(scheduler)

@@ -1,0 +1,199 @@
+"""Prometheus metrics: counters from the scheduler's observer hooks, gauges from its status."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from dispatcher.config import MetricsConfig
+from dispatcher.metrics import Metrics, serve_metrics
+from dispatcher.protocol import ChatRequest
+from dispatcher.simulator import Behaviour, Fault
+from tests.conftest import Running, build_config, chat, fakes, provider_entry
+
+pytestmark = pytest.mark.anyio
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@asynccontextmanager
+async def metrics_server(running: Running, **config: Any) -> AsyncIterator[list[str]]:
+    async with anyio.create_task_group() as tg:
+        addresses = await tg.start(
+            serve_metrics,
+            running.daemon.scheduler,
+            MetricsConfig(**({"listen": "127.0.0.1:0"} | config)),
+        )
+        try:
+            yield addresses
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def scrape(url: str, *, socket: str | None = None) -> tuple[str, Samples]:
+    connector = aiohttp.UnixConnector(path=socket) if socket else None
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(f"{url}/metrics") as response,
+    ):
+        assert response.status == 200
+        content_type = response.headers["Content-Type"]
+        text = await response.text()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return content_type, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+async def test_scrape_counts_jobs_attempts_and_latency(start_daemon: Any) -> None:
+    """After one job, /metrics shows it by class and outcome, its attempt and both histograms."""
+    async with fakes(a=Behaviour(name="a", latency_s=0.01)) as f:
+        config = build_config({"a": provider_entry(f["a"])})
+        async with start_daemon(config) as running, metrics_server(running) as addresses:
+            async with running.client() as client:
+                await client.call(chat("hi", task="realtime"))
+            content_type, samples = await scrape(addresses[0])
+    assert content_type.startswith("text/plain")
+    assert value(samples, "dispatcher_jobs_total", **{"class": "realtime", "outcome": "ok"}) == 1
+    assert value(samples, "dispatcher_jobs_total", **{"class": "bulk", "outcome": "ok"}) == 0
+    assert value(samples, "dispatcher_upstream_attempts_total", provider="a", outcome="ok") == 1
+    assert value(samples, "dispatcher_upstream_rate_limited_total", provider="a") == 0
+    assert value(samples, "dispatcher_job_latency_seconds_count", **{"class": "realtime"}) == 1
+    assert value(samples, "dispatcher_upstream_latency_seconds_count", provider="a") == 1
+
+
+async def test_scrape_reads_live_status_gauges(start_daemon: Any) -> None:
+    """Slots, concurrency, tokens, queue depth and circuit state are read at scrape time."""
+    async with fakes(a=Behaviour(name="a", latency_s=30.0, rpm=40, concurrency=1)) as f:
+        config = build_config({"a": provider_entry(f["a"], concurrency=1, rpm=40)})
+        async with start_daemon(config) as running, metrics_server(running) as addresses:
+            scheduler = running.daemon.scheduler
+            jobs = [
+                scheduler.submit(
+                    ChatRequest(
+                        id=f"s{i}", messages=[{"role": "user", "content": f"slow {i}"}], task="bulk"
+                    ),
+                    client="test",
+                )
+                for i in range(3)
+            ]
+            with anyio.fail_after(5):
+                await f["a"].wait_until(lambda s: s.in_flight == 1)
+            _, samples = await scrape(addresses[0])
+            for job in jobs:
+                scheduler.cancel(job)
+    assert value(samples, "dispatcher_provider_in_flight", provider="a") == 1
+    assert value(samples, "dispatcher_provider_concurrency", provider="a") == 1
+    assert value(samples, "dispatcher_provider_tokens_available", provider="a") == 39
+    assert value(samples, "dispatcher_queue_depth") == 2
+    assert value(samples, "dispatcher_class_queue_depth", **{"class": "bulk"}) == 2
+    assert value(samples, "dispatcher_class_queue_depth", **{"class": "realtime"}) == 0
+    assert value(samples, "dispatcher_running_jobs") == 1
+    assert value(samples, "dispatcher_provider_circuit_state", provider="a", state="closed") == 1
+    assert value(samples, "dispatcher_provider_circuit_state", provider="a", state="open") == 0
+    assert value(samples, "dispatcher_provider_state", provider="a", state="busy") == 1
+
+
+async def test_upstream_429_is_counted(start_daemon: Any) -> None:
+    """A 429 from upstream shows in the 429 counter and as a rate_limited attempt."""
+    async with fakes(a=Behaviour(name="a")) as f:
+        f["a"].script(Fault(kind="status", status=429, retry_after=0.01))
+        config = build_config({"a": provider_entry(f["a"])})
+        async with start_daemon(config) as running, metrics_server(running) as addresses:
+            async with running.client() as client:
+                await client.call(chat("hi"))
+            _, samples = await scrape(addresses[0])
+    assert value(samples, "dispatcher_upstream_rate_limited_total", provider="a") == 1
+    assert (
+        value(samples, "dispatcher_upstream_attempts_total", provider="a", outcome="rate_limited")
+        == 1
+    )
+    assert value(samples, "dispatcher_upstream_attempts_total", provider="a", outcome="ok") == 1
+    assert value(samples, "dispatcher_jobs_total", **{"class": "default", "outcome": "ok"}) == 1
+
+
+async def test_failed_job_is_counted_by_its_code(start_daemon: Any) -> None:
+    """A job that fails is counted under its error code, not in the latency histogram."""
+    async with fakes(a=Behaviour(name="a")) as f:
+        f["a"].script(Fault(kind="status", status=400))
+        config = build_config({"a": provider_entry(f["a"])})
+        async with start_daemon(config) as running, metrics_server(running) as addresses:
+            async with running.client() as client:
+                await client.call(chat("hi"))
+            _, samples = await scrape(addresses[0])
+    assert (
+        value(
+            samples, "dispatcher_jobs_total", **{"class": "default", "outcome": "upstream_failed"}
+        )
+        == 1
+    )
+    assert (
+        value(samples, "dispatcher_upstream_attempts_total", provider="a", outcome="rejected") == 1
+    )
+    assert value(samples, "dispatcher_job_latency_seconds_count", **{"class": "default"}) is None
+
+
+async def test_serves_on_a_unix_socket_and_cleans_up(start_daemon: Any, tmp_path: Path) -> None:
+    """With [metrics] socket, /metrics answers there; on exit the socket and observer are gone."""
+    path = tmp_path / "metrics.sock"
+    async with fakes(a=Behaviour(name="a")) as f:
+        config = build_config({"a": provider_entry(f["a"])})
+        async with start_daemon(config) as running:
+            scheduler = running.daemon.scheduler
+            async with metrics_server(running, listen=None, socket=str(path)) as addresses:
+                assert addresses == [f"unix:{path}"]
+                assert len(scheduler.observers) == 1
+                _, samples = await scrape("http://metrics", socket=str(path))
+            assert scheduler.observers == []
+    assert value(samples, "dispatcher_provider_concurrency", provider="a") is not None
+    assert not path.exists()
+
+
+async def test_openmetrics_when_asked(start_daemon: Any) -> None:
+    """A scraper that asks for OpenMetrics gets it."""
+    async with fakes(a=Behaviour(name="a")) as f:
+        config = build_config({"a": provider_entry(f["a"])})
+        async with start_daemon(config) as running, metrics_server(running) as addresses:
+            headers = {"Accept": "application/openmetrics-text; version=1.0.0"}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{addresses[0]}/metrics", headers=headers) as response,
+            ):
+                content_type = response.headers["Content-Type"]
+                text = await response.text()
+    assert content_type.startswith("application/openmetrics-text")
+    assert text.rstrip().endswith("# EOF")
+
+
+def test_each_metrics_has_its_own_registry() -> None:
+    """Two Metrics never share series, and nothing lands in the process-global registry."""
+    first, second = Metrics(), Metrics()
+    first.on_attempt("a", "rate_limited", 0.5)
+    assert (
+        first.registry.get_sample_value("dispatcher_upstream_rate_limited_total", {"provider": "a"})
+        == 1
+    )
+    assert (
+        second.registry.get_sample_value(
+            "dispatcher_upstream_rate_limited_total", {"provider": "a"}
+        )
+        is None
+    )
+    assert (
+        REGISTRY.get_sample_value("dispatcher_upstream_rate_limited_total", {"provider": "a"})
+        is None
+    )
+    assert b"dispatcher_upstream_latency_seconds_bucket" in first.render()
