@@ -165,6 +165,8 @@ class Probe(_Report, kw_only=True):
 
 class PriorityReport(_Report, kw_only=True):
     bulk_jobs: int
+    bulk_accepted: int  # held by the daemon before the first probe
+    bulk_accept_s: float  # sending them and the daemon accepting them took this long
     bulk_providers: list[str]
     realtime_providers: list[str]
     fastest_provider: str
@@ -186,6 +188,8 @@ class FairnessVariant(_Report, kw_only=True):
     ratio_median: float
     ratio_p95: float
     b_errors: int
+    flood_accepted: int  # held by the daemon before B's loaded phase
+    flood_accept_s: float  # sending them and the daemon accepting them took this long
     flood_done_meanwhile: int
     flood_queued_at_end: int
     b_providers: dict[str, int]
@@ -353,15 +357,30 @@ async def _flood(client: Client, count: int, task: str, prefix: str) -> None:
         await client.send(_chat(f"{prefix}-{i}", f"{prefix} job {i}: summarise this", task))
 
 
-async def _wait_accepted(client: Client, count: int, deadline_s: float) -> Status:
-    """Wait until the daemon holds (queued, running or done) at least ``count`` jobs."""
+def _held(status: Status) -> int:
+    """Jobs the daemon has accepted so far: queued, running or answered."""
+    return status.queued + status.running + status.jobs_done + status.jobs_failed
+
+
+async def _flood_accepted(
+    flood: Client, watcher: Client, count: int, task: str, prefix: str, deadline_s: float
+) -> tuple[int, float]:
+    """Send ``count`` jobs on ``flood``; wait until the daemon holds them all (or the deadline).
+
+    Returns how many it accepted and how long sending and accepting took.
+    """
+    base = _held(await _status(watcher))
+    started = time.monotonic()
+    accepted = 0
     with anyio.move_on_after(deadline_s):
-        while True:
-            status = await _status(client)
-            if status.queued + status.running + status.jobs_done + status.jobs_failed >= count:
-                return status
-            await anyio.sleep(STATUS_POLL_S)
-    return await _status(client)
+        await _flood(flood, count, task, prefix)
+        while accepted < count:
+            accepted = _held(await _status(watcher)) - base
+            if accepted < count:
+                await anyio.sleep(STATUS_POLL_S)
+    if accepted < count:
+        accepted = _held(await _status(watcher)) - base
+    return min(accepted, count), time.monotonic() - started
 
 
 # -- burst -----------------------------------------------------------------------------
@@ -470,9 +489,10 @@ async def run_priority(
             realtime = await _enabled(client, _class(config, "realtime").providers)
             bulk = await _enabled(client, _class(config, "bulk").providers)
             fastest = min(realtime, key=bench.service_s)
+            accepted, accept_s = await _flood_accepted(
+                flood, client, settings.priority_bulk, "bulk", "bulk", settings.max_wall_s
+            )
             with anyio.move_on_after(settings.max_wall_s):
-                await _flood(flood, settings.priority_bulk, "bulk", "bulk")
-                await _wait_accepted(client, settings.priority_bulk, settings.max_wall_s)
                 for k in range(settings.priority_probes):
                     await anyio.sleep(rng.uniform(0.05, 0.3))  # land at a random phase
                     queued = (await _status(client)).queued
@@ -489,6 +509,8 @@ async def run_priority(
         )
         return PriorityReport(
             bulk_jobs=settings.priority_bulk,
+            bulk_accepted=accepted,
+            bulk_accept_s=round(accept_s, 3),
             bulk_providers=bulk,
             realtime_providers=realtime,
             fastest_provider=fastest,
@@ -524,85 +546,91 @@ def _probe(bench: _Bench, reply: Reply, queued: int, wait: float | None) -> Prob
 # -- fairness --------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Samples:
+    """Client B's answers: client-side latency of each, who served it, errors."""
+
+    latencies: list[float] = field(default_factory=list)
+    providers: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+
 async def _paced(
-    client: Client, settings: BenchSettings, task: str, prefix: str
-) -> tuple[list[float], Counter[str], int]:
-    """B's jobs, one every interval; client-side latency of each, providers, errors."""
-    latencies: list[float] = []
-    providers: Counter[str] = Counter()
-    errors = 0
+    client: Client, settings: BenchSettings, task: str, prefix: str, samples: _Samples
+) -> None:
+    """B's jobs, one every interval, each timed from its send to its answer."""
 
     async def one(i: int) -> None:
-        nonlocal errors
         sent = time.monotonic()
-        reply = await client.call(_chat(f"{prefix}-{i}", f"interactive question {i}", task))
+        reply = await client.call(_chat(f"{prefix}-{i}", f"{prefix} question {i}", task))
         if isinstance(reply, Result):
-            latencies.append(time.monotonic() - sent)
-            providers[reply.provider] += 1
+            samples.latencies.append(time.monotonic() - sent)
+            samples.providers[reply.provider] += 1
         else:
-            errors += 1
+            samples.errors += 1
 
     start = time.monotonic()
     async with anyio.create_task_group() as tg:
         for i in range(settings.fairness_b_jobs):
             await anyio.sleep_until(start + i * settings.fairness_interval_s)
             tg.start_soon(one, i)
-    return latencies, providers, errors
 
 
 async def run_fairness_variant(
     config: Config, settings: BenchSettings, b_class: str, progress: Callable[[str], None]
 ) -> FairnessVariant:
+    """B alone, then B behind A's flood, on one fresh daemon; each phase capped at max_wall_s."""
     _class(config, b_class)
     _class(config, "bulk")
-    async with bench_daemon(config, settings) as bench:
-        async with Client.connect(bench.socket) as b:
-            progress(f"fairness ({b_class}): B alone, {settings.fairness_b_jobs} jobs")
-            idle, _, idle_errors = await _paced(b, settings, b_class, "idle")
-            progress(
-                f"fairness ({b_class}): A floods {settings.fairness_jobs} bulk jobs, "
-                f"B sends {settings.fairness_b_jobs} {b_class} jobs"
+    idle, loaded = _Samples(), _Samples()
+    queued_at_end = done_meanwhile = 0
+    async with bench_daemon(config, settings) as bench, Client.connect(bench.socket) as b:
+        progress(f"fairness ({b_class}): B alone, {settings.fairness_b_jobs} jobs")
+        with anyio.move_on_after(settings.max_wall_s):
+            await _paced(b, settings, b_class, "idle", idle)
+        progress(
+            f"fairness ({b_class}): A floods {settings.fairness_jobs} bulk jobs, "
+            f"B sends {settings.fairness_b_jobs} {b_class} jobs"
+        )
+        async with Client.connect(bench.socket) as a:
+            accepted, accept_s = await _flood_accepted(
+                a, b, settings.fairness_jobs, "bulk", "flood", settings.max_wall_s
             )
-            loaded: list[float] = []
-            providers: Counter[str] = Counter()
-            loaded_errors = 0
-            queued_at_end = 0
-            done_meanwhile = 0
+            done_before = bench.recorder.done_by_prefix["flood"]
             with anyio.move_on_after(settings.max_wall_s):
-                async with Client.connect(bench.socket) as a:
-                    await _flood(a, settings.fairness_jobs, "bulk", "flood")
-                    await _wait_accepted(b, settings.fairness_jobs, settings.max_wall_s)
-                    done_before = bench.recorder.done_by_prefix["flood"]
-                    loaded, providers, loaded_errors = await _paced(b, settings, b_class, "b")
-                    done_meanwhile = bench.recorder.done_by_prefix["flood"] - done_before
-                    queued_at_end = (await _status(b)).queued
-                # leaving A's connection cancels its queued jobs
-        ratio_median = _ratio(percentile(loaded, 0.5), percentile(idle, 0.5))
-        ratio_p95 = _ratio(percentile(loaded, 0.95), percentile(idle, 0.95))
-        errors = idle_errors + loaded_errors
-        met = (
-            errors == 0
-            and len(loaded) == settings.fairness_b_jobs
-            and ratio_median <= FAIRNESS_TARGET
-            and ratio_p95 <= FAIRNESS_TARGET
-        )
-        return FairnessVariant(
-            b_class=b_class,
-            flood_jobs=settings.fairness_jobs,
-            b_jobs=settings.fairness_b_jobs,
-            idle_median_s=round(percentile(idle, 0.5), 4),
-            idle_p95_s=round(percentile(idle, 0.95), 4),
-            loaded_median_s=round(percentile(loaded, 0.5), 4),
-            loaded_p95_s=round(percentile(loaded, 0.95), 4),
-            ratio_median=round(ratio_median, 3),
-            ratio_p95=round(ratio_p95, 3),
-            b_errors=errors,
-            flood_done_meanwhile=done_meanwhile,
-            flood_queued_at_end=queued_at_end,
-            b_providers=dict(providers),
-            upstream_429=bench.upstream_429(),
-            target_met=met,
-        )
+                await _paced(b, settings, b_class, "b", loaded)
+            done_meanwhile = bench.recorder.done_by_prefix["flood"] - done_before
+            queued_at_end = (await _status(b)).queued
+        # leaving A's connection cancelled its queued jobs
+        upstream_429 = bench.upstream_429()
+    ratio_median = _ratio(percentile(loaded.latencies, 0.5), percentile(idle.latencies, 0.5))
+    ratio_p95 = _ratio(percentile(loaded.latencies, 0.95), percentile(idle.latencies, 0.95))
+    errors = idle.errors + loaded.errors
+    met = (
+        errors == 0
+        and len(loaded.latencies) == settings.fairness_b_jobs
+        and ratio_median <= FAIRNESS_TARGET
+        and ratio_p95 <= FAIRNESS_TARGET
+    )
+    return FairnessVariant(
+        b_class=b_class,
+        flood_jobs=settings.fairness_jobs,
+        b_jobs=settings.fairness_b_jobs,
+        idle_median_s=round(percentile(idle.latencies, 0.5), 4),
+        idle_p95_s=round(percentile(idle.latencies, 0.95), 4),
+        loaded_median_s=round(percentile(loaded.latencies, 0.5), 4),
+        loaded_p95_s=round(percentile(loaded.latencies, 0.95), 4),
+        ratio_median=round(ratio_median, 3),
+        ratio_p95=round(ratio_p95, 3),
+        b_errors=errors,
+        flood_accepted=accepted,
+        flood_accept_s=round(accept_s, 3),
+        flood_done_meanwhile=done_meanwhile,
+        flood_queued_at_end=queued_at_end,
+        b_providers=dict(loaded.providers),
+        upstream_429=upstream_429,
+        target_met=met,
+    )
 
 
 def _ratio(loaded: float, idle: float) -> float:
@@ -731,7 +759,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 progress=progress,
             )
 
-        report = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+        try:
+            report = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+        except BenchError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            return 1
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     else:
@@ -844,7 +876,9 @@ def render_priority(report: PriorityReport) -> Table:
         )
     table.caption = (
         f"bulk may use {', '.join(report.bulk_providers)}; realtime may use "
-        f"{', '.join(report.realtime_providers)}; upstream 429s {report.upstream_429}\n"
+        f"{', '.join(report.realtime_providers)}; the daemon accepted "
+        f"{report.bulk_accepted}/{report.bulk_jobs} bulk jobs in {_s(report.bulk_accept_s, 2)} s; "
+        f"upstream 429s {report.upstream_429}\n"
         f"target: every wait <= one service time of {report.fastest_provider} "
         f"({report.fastest_service_s:.3f} s); max wait {_s(report.max_wait_s)} s: "
         + _verdict(report.target_met)
@@ -866,6 +900,7 @@ def render_fairness(report: FairnessReport) -> Table:
         "loaded p95 s",
         "ratio median",
         "ratio p95",
+        "A accepted (s)",
         "A done meanwhile",
         "429s",
         "target",
@@ -880,6 +915,7 @@ def render_fairness(report: FairnessReport) -> Table:
             _s(v.loaded_p95_s),
             _s(v.ratio_median, 2),
             _s(v.ratio_p95, 2),
+            f"{v.flood_accepted} ({_s(v.flood_accept_s, 1)})",
             str(v.flood_done_meanwhile),
             str(v.upstream_429),
             _verdict(v.target_met),

@@ -295,7 +295,14 @@ def completion_body(result: Result, *, created: int) -> dict[str, Any]:
         "object": "chat.completion",
         "created": created,
         "model": result.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": result.finish_reason or "stop",
+                "logprobs": None,
+            }
+        ],
         "usage": msgspec.to_builtins(result.usage),
         "dispatcher": _extension(result),
     }

@@ -118,6 +118,7 @@ class Result(_Reply, tag="result"):
     usage: Usage = msgspec.field(default_factory=Usage)
     latency_ms: float = 0.0
     attempts: int = 0
+    finish_reason: str | None = None  # the upstream's: "stop", "length", ...
     # None only before it is set: the daemon always sends true or false (omit_defaults
     # leaves out fields equal to their default, and a client must always see this one).
     cached: bool | None = None
@@ -141,6 +142,15 @@ class ProviderStatus(msgspec.Struct, kw_only=True):
     problem: str | None = None
 
 
+class RecentJob(msgspec.Struct, kw_only=True, omit_defaults=True):
+    job: str
+    cls: str
+    outcome: str  # "ok" or the error code
+    provider: str | None = None
+    latency_ms: float | None = None
+    attempts: int = 0
+
+
 class Status(_Reply, tag="status"):
     providers: dict[str, ProviderStatus]
     queued: int
@@ -149,6 +159,7 @@ class Status(_Reply, tag="status"):
     classes: dict[str, int] = msgspec.field(default_factory=dict)
     jobs_done: int = 0
     jobs_failed: int = 0
+    recent: list[RecentJob] = msgspec.field(default_factory=list)  # newest first
 
 
 class Pong(_Reply, tag="pong"):

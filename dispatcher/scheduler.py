@@ -18,7 +18,7 @@ import itertools
 import random
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -49,6 +49,7 @@ from dispatcher.protocol import (
     JobRequest,
     ProbeResult,
     ProviderStatus,
+    RecentJob,
     Result,
     Status,
 )
@@ -60,6 +61,7 @@ log = structlog.get_logger("dispatcher.scheduler")
 
 DEFAULT_TIMEOUT_S = 600.0
 FINISHED_KEPT = 10_000  # finished jobs kept in memory for `result`
+RECENT_KEPT = 20  # finished jobs shown by status (and `dispatcher top`)
 MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
 MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
 RETRY_BUDGET_MIN = 3  # retries that may always be in flight
@@ -116,6 +118,7 @@ class Scheduler:
         self.keys: dict[tuple[int, str], tuple[str, str]] = {}  # (uid, key) -> (digest, job id)
         self.queued_bytes = 0
         self.retries_in_flight: set[str] = set()
+        self.recent: deque[RecentJob] = deque(maxlen=RECENT_KEPT)
         self._hedge_at: list[tuple[float, int, Job]] = []  # when a slow job gets a copy
         self.attempts_sent = 0
         self.hedges_sent = 0
@@ -539,6 +542,7 @@ class Scheduler:
         if isinstance(request, ChatRequest):
             result.content = getattr(body, "content", "")
             result.reasoning = getattr(body, "reasoning", None)
+            result.finish_reason = getattr(body, "finish_reason", None)
         else:
             result.embeddings = getattr(body, "embeddings", [])
         return result
@@ -725,6 +729,16 @@ class Scheduler:
         self.finished[job.id] = job
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
+        self.recent.appendleft(
+            RecentJob(
+                job=job.id,
+                cls=job.klass,
+                outcome="ok" if isinstance(outcome, Result) else outcome.code,
+                provider=outcome.provider if isinstance(outcome, Result) else None,
+                latency_ms=outcome.latency_ms if isinstance(outcome, Result) else None,
+                attempts=job.attempts,
+            )
+        )
         if isinstance(outcome, Result):
             self.jobs_done += 1
             log.info(
@@ -791,6 +805,7 @@ class Scheduler:
             classes=self.queue.classes(),
             jobs_done=self.jobs_done,
             jobs_failed=self.jobs_failed,
+            recent=list(self.recent),
         )
 
     def running_jobs(self) -> Iterator[Job]:

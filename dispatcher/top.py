@@ -155,6 +155,8 @@ def render_status(
     side = Table.grid(padding=(0, 4))
     side.add_row(classes_table(status), totals_table(status, previous, elapsed_s))
     parts: list[RenderableType] = [header, providers_table(status), side]
+    if status.recent:
+        parts.append(recent_table(status))
     problems = [f"{name}: {p.problem}" for name, p in status.providers.items() if p.problem]
     if problems:
         parts.append(Text("\n".join(problems), style="dim"))
@@ -183,6 +185,25 @@ def providers_table(status: Status) -> Table:
             str(p.failed),
             Text(str(p.rate_limited), style="yellow" if p.rate_limited else ""),
             Text(circuit_cell(p), style=CIRCUIT_STYLES.get(p.circuit, "")),
+        )
+    return table
+
+
+def recent_table(status: Status, rows: int = 8) -> Table:
+    """The latest finished jobs, newest first."""
+    table = Table(title="recent jobs", title_justify="left", expand=False)
+    for column in ("job", "class", "outcome", "provider", "latency", "attempts"):
+        table.add_column(
+            column, no_wrap=True, justify="right" if column in ("latency", "attempts") else "left"
+        )
+    for job in status.recent[:rows]:
+        table.add_row(
+            job.job,
+            job.cls,
+            Text(job.outcome, style="green" if job.outcome == "ok" else "red"),
+            job.provider or "-",
+            f"{job.latency_ms:,.0f} ms" if job.latency_ms is not None else "-",
+            str(job.attempts),
         )
     return table
 

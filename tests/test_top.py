@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from dispatcher.client import DaemonNotRunning
-from dispatcher.protocol import ProviderStatus, Status
+from dispatcher.protocol import ProviderStatus, Result, Status
 from dispatcher.simulator import Behaviour
 from dispatcher.top import add_top_arguments, cmd_top, format_duration, render_status
 from tests.conftest import build_config, chat, fakes, provider_entry
@@ -141,3 +141,21 @@ def test_once_without_a_daemon_says_how_to_start_one(tmp_path: Any) -> None:
     """With nothing on the socket, top raises the error the CLI turns into exit 69."""
     with pytest.raises(DaemonNotRunning, match="dispatcher serve"):
         cmd_top(parse("--socket", str(tmp_path / "none.sock"), "--once"))
+
+
+@pytest.mark.anyio
+async def test_top_lists_recent_jobs(start_daemon: Any) -> None:
+    """The live view shows the latest finished jobs with their outcome and provider."""
+    async with fakes(a=Behaviour(name="a")) as f:
+        config = build_config({"a": provider_entry(f["a"])})
+        async with start_daemon(config) as running, running.client() as client:
+            done = await client.call(chat("for the record"))
+            status = await client.call({"op": "status"})
+    assert isinstance(done, Result)
+    assert isinstance(status, Status)
+    assert status.recent[0].job == done.job
+    console = Console(width=200, record=True)
+    console.print(render_status(status))
+    text = console.export_text()
+    assert "recent jobs" in text
+    assert done.job in text
