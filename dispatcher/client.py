@@ -24,6 +24,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
 from dispatcher.protocol import Accepted, Chunk, Error, Reply
+from dispatcher.writer import LineWriter, PeerGone
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 PER_REQUEST_BUFFER = 256
@@ -46,7 +47,7 @@ class Client:
         self._waiting: dict[str, MemoryObjectSendStream[Reply]] = {}
         self._decoder = msgspec.json.Decoder(Reply)
         self._encoder = msgspec.json.Encoder()
-        self._lock = anyio.Lock()
+        self._writer = LineWriter(stream)
         self.closed = False
 
     @classmethod
@@ -107,9 +108,8 @@ class Client:
 
     async def send(self, payload: Mapping[str, Any]) -> None:
         try:
-            async with self._lock:
-                await self._stream.send(self._encoder.encode(payload) + b"\n")
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            await self._writer.write(self._encoder.encode(payload) + b"\n")
+        except PeerGone as exc:
             raise ConnectionLost("the daemon closed the connection") from exc
 
     async def request(self, payload: Mapping[str, Any]) -> AsyncIterator[Reply]:

@@ -78,6 +78,7 @@ class ProviderActor:
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Job](capacity)
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._tg: anyio.abc.TaskGroup | None = None  # set while run() serves
 
     def __repr__(self) -> str:
         stats = self._inbox_send.statistics()
@@ -91,7 +92,15 @@ class ProviderActor:
         self.config, self._key = config, key
 
     def deliver(self, job: Job) -> bool:
-        """Hand over a job whose slot and token are reserved; False if the inbox is full."""
+        """Hand over a job whose slot and token are reserved; False if the inbox is full.
+
+        While the actor runs, the attempt starts right away in its task group (no
+        extra hop through the inbox); while it is down between a crash and its
+        restart, jobs wait in the inbox and the restarted actor takes them first.
+        """
+        if self._tg is not None:
+            self._tg.start_soon(self._attempt, job)
+            return True
         try:
             self._inbox_send.send_nowait(job)
         except anyio.WouldBlock:
@@ -127,9 +136,17 @@ class ProviderActor:
             anyio.create_task_group() as tg,
         ):
             self._session = session
+            while True:  # what arrived while the actor was down goes first
+                try:
+                    tg.start_soon(self._attempt, self._inbox.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            self._tg = tg
             task_status.started()
-            async for job in self._inbox:
-                tg.start_soon(self._attempt, job, name=f"attempt {self.name} {job.id}")
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
 
     async def _attempt(self, job: Job) -> None:
         outcome: Outcome = None
@@ -138,23 +155,24 @@ class ProviderActor:
         if job.deadline is not None:
             budget = max(0.0, min(budget, job.deadline - started))
         try:
-            with anyio.CancelScope() as scope:
-                if job.stop is not None:
-                    return  # stopped while it waited in the inbox
+            if job.stop is not None:
+                return  # stopped while it waited in the inbox
+            # One scope: its deadline is the attempt's timeout, and cancel() stops the job.
+            # fail_after raises TimeoutError only when the deadline, not a cancel, ended it.
+            with anyio.fail_after(budget) as scope:
                 self._scopes[job.id] = scope
                 try:
-                    with anyio.fail_after(budget):
-                        answer, ratelimit = await self._call(job)
+                    answer, ratelimit = await self._call(job)
                     outcome = Answer(answer, self._clock() - started, ratelimit)
-                except TimeoutError:
-                    outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
                 except UpstreamError as exc:
                     outcome = exc
                 except (aiohttp.ClientError, OSError, adapters.AnswerFormatError) as exc:
                     outcome = translate(exc)
-                if outcome is not None and job.streamed and isinstance(outcome, UpstreamError):
-                    outcome = UpstreamError("stream_broken", outcome.short())
+        except TimeoutError:
+            outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
         finally:
+            if isinstance(outcome, UpstreamError) and job.streamed:
+                outcome = UpstreamError("stream_broken", outcome.short())
             self._scopes.pop(job.id, None)
             self._report(job, self.name, outcome)
 

@@ -106,6 +106,7 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._wakeup = anyio.Event()
+        self._dispatching = False
         self.started_at = clock()
         self.turns = 0  # loop iterations: the watchdog's sign of progress
         self.jobs_done = 0
@@ -171,21 +172,10 @@ class Scheduler:
         on_chunk: ChunkSink | None = None,
         job_id: str | None = None,
         size: int = 0,
+        replay: bool = False,
     ) -> Job:
-        if not self.accepting:
-            raise Overloaded("the daemon is shutting down; try again in a moment", retry_after_s=5)
-        if len(self.active) >= self.config.daemon.max_queued:
-            raise Overloaded(
-                f"{len(self.active):,} jobs are already waiting (max_queued); "
-                "retry later or raise daemon.max_queued",
-                retry_after_s=self._drain_estimate_s(),
-            )
-        if size and self.queued_bytes + size > self.config.daemon.max_queued_bytes:
-            raise Overloaded(
-                f"the queued jobs already hold {self.queued_bytes:,} bytes (max_queued_bytes); "
-                "retry later or send smaller requests",
-                retry_after_s=self._drain_estimate_s(),
-            )
+        if not replay:  # a replayed job was accepted by an earlier run: never refused now
+            self._check_room(size)
         now = self.clock()
         job = self._make_job(request, client=client, uid=uid, now=now, job_id=job_id)
         job.on_chunk = on_chunk
@@ -206,8 +196,25 @@ class Scheduler:
         self.queue.push(job)
         if job.deadline is not None:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
-        self._poke()
+        self._dispatch_now(now)
         return job
+
+    def _check_room(self, size: int) -> None:
+        """Overloaded, with a hint when to retry, past the caps on jobs and bytes."""
+        if not self.accepting:
+            raise Overloaded("the daemon is shutting down; try again in a moment", retry_after_s=5)
+        if len(self.active) >= self.config.daemon.max_queued:
+            raise Overloaded(
+                f"{len(self.active):,} jobs are already waiting (max_queued); "
+                "retry later or raise daemon.max_queued",
+                retry_after_s=self._drain_estimate_s(),
+            )
+        if size and self.queued_bytes + size > self.config.daemon.max_queued_bytes:
+            raise Overloaded(
+                f"the queued jobs already hold {self.queued_bytes:,} bytes (max_queued_bytes); "
+                "retry later or send smaller requests",
+                retry_after_s=self._drain_estimate_s(),
+            )
 
     def _from_cache(self, job: Job, cached: Result, now: float) -> Result:
         return msgspec.structs.replace(
@@ -310,7 +317,11 @@ class Scheduler:
         """Queue a journaled job again after a restart, under its old id."""
         try:
             job = self._accept(
-                stored.request, client=f"{stored.uid}:replay", uid=stored.uid, job_id=stored.id
+                stored.request,
+                client=f"{stored.uid}:replay",
+                uid=stored.uid,
+                job_id=stored.id,
+                replay=True,
             )
         except DispatcherError as exc:
             # It cannot run under the current configuration: answer it with why.
@@ -425,7 +436,20 @@ class Scheduler:
         limits.release(job.id)
         self.retries_in_flight.discard(job.id)
         job.provider = None
-        self._poke()
+        try:
+            self._after_outcome(job, provider, limits, outcome, now, started)
+        finally:
+            self._dispatch_now(self.clock())  # the slot is free: fill it without a loop turn
+
+    def _after_outcome(
+        self,
+        job: Job,
+        provider: str,
+        limits: ProviderLimits,
+        outcome: Outcome,
+        now: float,
+        started: float,
+    ) -> None:
         if outcome is not None:
             kind = "ok" if isinstance(outcome, Answer) else outcome.kind
             latency = outcome.latency_s if isinstance(outcome, Answer) else max(0.0, now - started)
@@ -637,6 +661,23 @@ class Scheduler:
 
     def _poke(self) -> None:
         self._wakeup.set()
+
+    def _dispatch_now(self, now: float) -> None:
+        """Plan at once when a provider could start something; else leave it to the loop.
+
+        Checking the providers first keeps a burst of submits cheap: while every
+        provider is busy, a submit costs no planning at all.
+        """
+        if self._dispatching or not any(p.free_now(now) for p in self.limits.values()):
+            self._poke()
+            return
+        self._dispatching = True
+        try:
+            wake_at = self._dispatch(now)
+        finally:
+            self._dispatching = False
+        if wake_at is not None:
+            self._poke()  # the loop sets its timer
 
     def _dispatch(self, now: float) -> float | None:
         jobs: Iterable[Job] = self.queue

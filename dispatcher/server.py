@@ -56,11 +56,13 @@ from dispatcher.protocol import (
     error_reply,
 )
 from dispatcher.scheduler import KnownJob, Scheduler
+from dispatcher.writer import LineWriter, PeerGone
 
 log = structlog.get_logger("dispatcher.server")
 
 PERSIST_TIMEOUT_S = 60.0  # the journal commits in milliseconds; this only bounds a sick disk
 WRITE_TIMEOUT_S = 30.0
+FLUSH_TIMEOUT_S = 5.0  # replies still buffered when a connection ends get this long
 HALF_CLOSE_POLL_S = 1.0  # after a half-close, how often to check the peer is still there  # a client that reads nothing for this long is dropped
 PARTIAL_LINE_TIMEOUT_S = 30.0  # a started line must be finished within this
 ROOT_UID = 0
@@ -146,7 +148,7 @@ class Connection:
         self.uid = uid
         self.client = f"{uid}:{number}"
         self.jobs: dict[str, Job] = {}  # request id -> job, for cancel
-        self._lock = anyio.Lock()
+        self._writer = LineWriter(stream, timeout_s=WRITE_TIMEOUT_S, on_written=self._on_written)
         self._closed = False
         self._scope: anyio.CancelScope | None = None
         self._outstanding = 0  # requests read whose final reply is not sent yet
@@ -187,6 +189,7 @@ class Connection:
                     break
                 if line.strip():
                     self._dispatch(line, decoder, tg)
+            await self._writer.flush(FLUSH_TIMEOUT_S)
             tg.cancel_scope.cancel()
 
     def _peer_gone(self) -> bool:
@@ -359,25 +362,22 @@ class Connection:
         await self.send(chunk)
 
     async def send(self, reply: Reply) -> bool:
-        """Write one reply; on a dead or stuck client, close the connection and return False."""
-        if self._closed:
-            return False
-        data = encode_line(reply)
+        """Write one reply (coalesced with others); on a dead or stuck client, close the
+        connection and return False."""
         try:
-            async with self._lock:
-                with anyio.fail_after(WRITE_TIMEOUT_S):
-                    await self.stream.send(data)
-        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await self._writer.write(encode_line(reply), counted=not isinstance(reply, Chunk))
+        except PeerGone:
             self.close()
             return False
-        finally:
-            if not isinstance(reply, Chunk):  # counted once it is written (or cannot be)
-                self._outstanding -= 1
-                self._replied.set()
         return True
+
+    def _on_written(self, finals: int) -> None:
+        self._outstanding -= finals  # counted once written (or unwritable)
+        self._replied.set()
 
     def close(self) -> None:
         self._closed = True
+        self._writer.closed = True
         if self._scope is not None:
             self._scope.cancel()
 
