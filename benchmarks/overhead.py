@@ -103,10 +103,10 @@ async def daemon_rate(sock: str, n: int, concurrency: int) -> float:
         return n / (time.perf_counter() - start)
 
 
-async def wait_for_daemon(sock: str, daemon: subprocess.Popen[bytes]) -> None:
+async def wait_for_daemon(sock: str, daemon: anyio.abc.Process) -> None:
     with anyio.fail_after(20):
         while True:
-            if daemon.poll() is not None:
+            if daemon.returncode is not None:
                 raise SystemExit(f"the daemon exited with {daemon.returncode}")
             try:
                 async with Client.connect(sock) as client:
@@ -163,7 +163,8 @@ enabled = false
                 via_rps = await daemon_rate(sock, requests, concurrency)
             finally:
                 daemon.terminate()
-                daemon.wait(timeout=30)
+                with anyio.fail_after(30):
+                    await daemon.wait()
     med = (statistics.median(via) - statistics.median(raw)) * 1000
     p99 = (_percentile(via, 0.99) - _percentile(raw, 0.99)) * 1000
     ratio = via_rps / raw_rps
