@@ -138,7 +138,7 @@ enabled = false
             )
             sock = str(Path(tmp) / "d.sock")
             env = {**os.environ, "ZERO_KEY": KEY}
-            daemon = subprocess.Popen(
+            daemon = await anyio.open_process(
                 [
                     sys.executable,
                     "-m",
