@@ -239,6 +239,10 @@ class RequestDecoder:
                 f"the line is not valid JSON ({exc}); send one JSON object per line"
             )
             raise error from None
+        except UnicodeDecodeError:
+            raise RequestError("the line is not valid UTF-8; send UTF-8 encoded JSON") from None
+        except RecursionError:
+            raise RequestError("the JSON is nested too deeply; flatten it") from None
         _check(request)
         return request
 
@@ -246,7 +250,7 @@ class RequestDecoder:
         request_id: str | None = None
         try:
             loose = self._loose.decode(line)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             loose = None
         if isinstance(loose, dict):
             raw_id = loose.get("id")

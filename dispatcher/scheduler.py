@@ -811,7 +811,7 @@ class Scheduler:
             for limits in self.limits.values()
             if limits.enabled
         )
-        return round(min(300.0, len(self.queue) / rate), 1) if rate else 60.0
+        return round(min(300.0, max(0.5, len(self.queue) / rate)), 1) if rate else 60.0
 
     # -- status ------------------------------------------------------------------------
 

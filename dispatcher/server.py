@@ -132,6 +132,10 @@ class Server:
         self.connections.add(conn)
         try:
             await conn.serve()
+        except Exception as exc:
+            # A bug in serving one connection must never take the listener and every
+            # other client down with it; that client's jobs are cancelled like a hang-up.
+            log.error("connection.crashed", client=conn.client, error=repr(exc), exc_info=exc)
         finally:
             self.connections.discard(conn)
             with contextlib.suppress(Exception):
@@ -214,7 +218,7 @@ class Connection:
         """The next line; None when the connection should close for idleness or a stalled line."""
         while True:
             with anyio.move_on_after(self._idle_limit(reader)) as scope:
-                line = await reader.receive_until(b"\n", limit)
+                line = await reader.receive_until(b"\n", limit + 1)  # a full line + its newline
                 if len(line) > limit:  # its newline arrived in the same read as the excess
                     raise anyio.DelimiterNotFound(limit)
                 return line
