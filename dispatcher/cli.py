@@ -266,34 +266,37 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.provider:
         payload["providers"] = args.provider
 
-    async def go() -> int:
-        async with Client.connect(_client_socket(args)) as client:
-            reply = await client.call(payload)
-        if isinstance(reply, Error):
-            _print_error(reply)
-            return EXIT_FAILED
-        assert isinstance(reply, Result)
-        if args.json:
-            _write(msgspec.json.encode(reply).decode() + "\n")
-            return 0
-        for text, vector in zip(args.texts, reply.embeddings or [], strict=False):
-            head = ", ".join(f"{x:.4f}" for x in vector[:4])
-            _write(f"{len(vector)} dims  [{head}, ...]  {text[:60]}\n")
-        err.print(f"[dim]{reply.provider} ({reply.model}), {reply.latency_ms:.0f} ms[/]")
+    reply = _ask(args, payload)
+    if reply is None:
+        return EXIT_FAILED
+    assert isinstance(reply, Result)
+    if args.json:
+        _write(msgspec.json.encode(reply).decode() + "\n")
         return 0
+    for text, vector in zip(args.texts, reply.embeddings or [], strict=False):
+        head = ", ".join(f"{x:.4f}" for x in vector[:4])
+        _write(f"{len(vector)} dims  [{head}, ...]  {text[:60]}\n")
+    err.print(f"[dim]{reply.provider} ({reply.model}), {reply.latency_ms:.0f} ms[/]")
+    return 0
 
-    result: int = _run(go)
-    return result
+
+def _ask(args: argparse.Namespace, payload: dict[str, Any]) -> Reply | None:
+    """One request, its final reply; None (the error printed) when the daemon refused it."""
+
+    async def go() -> Reply:
+        async with Client.connect(_client_socket(args)) as client:
+            return await client.call(payload)
+
+    reply: Reply = _run(go)
+    if isinstance(reply, Error):
+        _print_error(reply)
+        return None
+    return reply
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    async def go() -> Reply:
-        async with Client.connect(_client_socket(args)) as client:
-            return await client.call({"op": "status"})
-
-    reply = _run(go)
-    if isinstance(reply, Error):
-        _print_error(reply)
+    reply = _ask(args, {"op": "status"})
+    if reply is None:
         return EXIT_FAILED
     assert isinstance(reply, Status)
     if args.json:
@@ -308,13 +311,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     if args.provider:
         payload["providers"] = args.provider
 
-    async def go() -> Reply:
-        async with Client.connect(_client_socket(args)) as client:
-            return await client.call(payload)
-
-    reply = _run(go)
-    if isinstance(reply, Error):
-        _print_error(reply)
+    reply = _ask(args, payload)
+    if reply is None:
         return EXIT_FAILED
     assert isinstance(reply, Health)
     if args.json:

@@ -29,29 +29,28 @@ class _Request(msgspec.Struct, tag_field="op", kw_only=True):
     id: Id
 
 
-class ChatRequest(_Request, tag="chat"):
+class _Submit(_Request, kw_only=True):
+    """What every job request may carry besides its content."""
+
+    providers: list[str] | None = None
+    priority: Priority = 0
+    timeout_s: TimeoutS | None = None
+    cache: bool = True
+    key: Id | None = None
+    detach: bool = False
+
+
+class ChatRequest(_Submit, tag="chat", kw_only=True):
     messages: list[dict[str, Any]]
     task: TaskClass | None = None
     thinking: bool = False
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     stream: bool = False
-    providers: list[str] | None = None
-    priority: Priority = 0
-    timeout_s: TimeoutS | None = None
-    cache: bool = True
-    key: Id | None = None
-    detach: bool = False
 
 
-class EmbedRequest(_Request, tag="embed"):
+class EmbedRequest(_Submit, tag="embed", kw_only=True):
     input: str | list[str]
-    providers: list[str] | None = None
-    priority: Priority = 0
-    timeout_s: TimeoutS | None = None
-    cache: bool = True
-    key: Id | None = None
-    detach: bool = False
 
 
 class CancelRequest(_Request, tag="cancel"):

@@ -325,21 +325,26 @@ class Scheduler:
             )
         except DispatcherError as exc:
             # It cannot run under the current configuration: answer it with why.
-            job = self._make_job(
-                stored.request,
-                client="replay",
-                uid=stored.uid,
-                now=self.clock(),
-                job_id=stored.id,
-                classify=False,
-            )
-            job.durable = True
-            job.persisted.set()
+            job = self._from_journal(stored, client="replay")
             self.active[job.id] = job
             self._finish(job, exc)
         else:
             job.durable = True
             job.persisted.set()
+
+    def _from_journal(self, stored: StoredJob, *, client: str) -> Job:
+        """A job rebuilt from its journal row: durable, already persisted, not routed."""
+        job = self._make_job(
+            stored.request,
+            client=client,
+            uid=stored.uid,
+            now=self.clock(),
+            job_id=stored.id,
+            classify=False,
+        )
+        job.durable = True
+        job.persisted.set()
+        return job
 
     async def resolve(self, job_id: str) -> Job | None:
         """A job by id: in memory, or a finished one only the journal still has."""
@@ -349,16 +354,7 @@ class Scheduler:
         stored = await anyio.to_thread.run_sync(self.journal.lookup, job_id)
         if stored is None or stored.outcome is None:
             return None
-        job = self._make_job(
-            stored.request,
-            client="journal",
-            uid=stored.uid,
-            now=self.clock(),
-            job_id=stored.id,
-            classify=False,
-        )
-        job.durable = True
-        job.persisted.set()
+        job = self._from_journal(stored, client="journal")
         job.finish(stored.outcome)
         return job
 
