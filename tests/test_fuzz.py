@@ -22,13 +22,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dispatcher.errors import ErrorCode
 from dispatcher.simulator import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,19 +43,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-ERROR_CODES = {
-    "bad_request",
-    "frame_too_large",
-    "unknown_job",
-    "no_provider",
-    "context_too_long",
-    "overloaded",
-    "quota_exhausted",
-    "upstream_failed",
-    "timeout",
-    "cancelled",
-    "internal",
-}
+ERROR_CODES = set(get_args(ErrorCode))  # the wire contract
 
 
 # -- a daemon subprocess and plain socket clients --------------------------------------
