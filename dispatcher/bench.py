@@ -104,6 +104,8 @@ def lower_bound_s(providers: Sequence[ProviderLimit], n: int) -> float:
     hi = 1.0
     while capacity(providers, hi) < n:
         hi *= 2.0
+        if hi > 1e12:
+            raise ValueError("the providers would need more than 10^12 s for these jobs")
     lo = 0.0
     for _ in range(200):
         if hi - lo <= 1e-9 * max(1.0, hi):
@@ -114,6 +116,11 @@ def lower_bound_s(providers: Sequence[ProviderLimit], n: int) -> float:
         else:
             lo = mid
     return hi
+
+
+def _finite(value: float, digits: int) -> float | None:
+    """``value`` rounded, or None (JSON null) when it is NaN or infinite: not measured."""
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -128,10 +135,12 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 class _Report(msgspec.Struct, kw_only=True):
-    pass
+    """What ``--json`` prints; times in seconds, None where nothing was measured."""
 
 
 class BurstRun(_Report, kw_only=True):
+    """One burst on one fresh daemon, under one strategy."""
+
     strategy: str
     jobs: int
     completed: int
@@ -147,6 +156,8 @@ class BurstRun(_Report, kw_only=True):
 
 
 class BurstReport(_Report, kw_only=True):
+    """The burst under the capacity strategy and, unless skipped, under the seed's weights."""
+
     providers: dict[str, tuple[int, float, int]]  # name -> (concurrency, latency_s, rpm) used
     capacity: BurstRun
     weighted: BurstRun | None = None
@@ -155,6 +166,8 @@ class BurstReport(_Report, kw_only=True):
 
 
 class Probe(_Report, kw_only=True):
+    """One realtime job sent behind the bulk backlog."""
+
     queued_ahead: int
     provider: str | None
     latency_s: float | None  # submit to answer, as the daemon reports it (latency_ms)
@@ -164,9 +177,11 @@ class Probe(_Report, kw_only=True):
 
 
 class PriorityReport(_Report, kw_only=True):
+    """Realtime probes behind queued bulk jobs, against the fastest eligible service time."""
+
     bulk_jobs: int
     bulk_accepted: int  # held by the daemon before the first probe
-    bulk_accept_s: float  # sending them and the daemon accepting them took this long
+    bulk_accept_s: float | None  # sending them and the daemon accepting them took this long
     bulk_providers: list[str]
     realtime_providers: list[str]
     fastest_provider: str
@@ -178,18 +193,20 @@ class PriorityReport(_Report, kw_only=True):
 
 
 class FairnessVariant(_Report, kw_only=True):
+    """Client B idle and behind client A's flood, with B's jobs in one class."""
+
     b_class: str
     flood_jobs: int
     b_jobs: int
-    idle_median_s: float
-    idle_p95_s: float
-    loaded_median_s: float
-    loaded_p95_s: float
-    ratio_median: float
-    ratio_p95: float
+    idle_median_s: float | None
+    idle_p95_s: float | None
+    loaded_median_s: float | None
+    loaded_p95_s: float | None
+    ratio_median: float | None
+    ratio_p95: float | None
     b_errors: int
     flood_accepted: int  # held by the daemon before B's loaded phase
-    flood_accept_s: float  # sending them and the daemon accepting them took this long
+    flood_accept_s: float | None  # sending them and the daemon accepting them took this long
     flood_done_meanwhile: int
     flood_queued_at_end: int
     b_providers: dict[str, int]
@@ -198,11 +215,15 @@ class FairnessVariant(_Report, kw_only=True):
 
 
 class FairnessReport(_Report, kw_only=True):
+    """Both fairness variants: B in default (between levels), B in bulk (within one)."""
+
     variants: list[FairnessVariant]
     target_met: bool
 
 
 class BenchReport(_Report, kw_only=True):
+    """Everything one ``dispatcher bench`` run measured."""
+
     time_scale: float
     seed: int
     config: str
@@ -213,6 +234,8 @@ class BenchReport(_Report, kw_only=True):
 
 @dataclass(frozen=True, slots=True)
 class BenchSettings:
+    """The knobs of a bench run (the verb's options)."""
+
     jobs: int = 400
     time_scale: float = 0.1
     seed: int = 0
@@ -400,12 +423,16 @@ async def run_burst_once(
             limits = {name: bench.physical(name) for name in eligible}
             bound = lower_bound_s(list(limits.values()), settings.jobs)
 
+            first_submit: float | None = None
+
             async def one(i: int) -> None:
-                nonlocal last_answer
+                nonlocal last_answer, first_submit
+                if first_submit is None:
+                    first_submit = time.monotonic()
                 reply = await client.call(_chat(f"burst-{i}", f"burst job {i}", "default"))
+                last_answer = time.monotonic()
                 if isinstance(reply, Result):
                     per_provider[reply.provider] += 1
-                    last_answer = time.monotonic()
                 elif isinstance(reply, Error):
                     errors[reply.code] += 1
 
@@ -415,6 +442,8 @@ async def run_burst_once(
                     for i in range(settings.jobs):
                         tg.start_soon(one, i)
             ended = time.monotonic() if cap.cancelled_caught else last_answer
+            if first_submit is not None:
+                started = first_submit  # makespan runs from the first submit to the last answer
         completed = sum(per_provider.values())
         failed = sum(errors.values())
         makespan = max(0.0, ended - started)
@@ -510,7 +539,7 @@ async def run_priority(
         return PriorityReport(
             bulk_jobs=settings.priority_bulk,
             bulk_accepted=accepted,
-            bulk_accept_s=round(accept_s, 3),
+            bulk_accept_s=_finite(accept_s, 3),
             bulk_providers=bulk,
             realtime_providers=realtime,
             fastest_provider=fastest,
@@ -616,15 +645,15 @@ async def run_fairness_variant(
         b_class=b_class,
         flood_jobs=settings.fairness_jobs,
         b_jobs=settings.fairness_b_jobs,
-        idle_median_s=round(percentile(idle.latencies, 0.5), 4),
-        idle_p95_s=round(percentile(idle.latencies, 0.95), 4),
-        loaded_median_s=round(percentile(loaded.latencies, 0.5), 4),
-        loaded_p95_s=round(percentile(loaded.latencies, 0.95), 4),
-        ratio_median=round(ratio_median, 3),
-        ratio_p95=round(ratio_p95, 3),
+        idle_median_s=_finite(percentile(idle.latencies, 0.5), 4),
+        idle_p95_s=_finite(percentile(idle.latencies, 0.95), 4),
+        loaded_median_s=_finite(percentile(loaded.latencies, 0.5), 4),
+        loaded_p95_s=_finite(percentile(loaded.latencies, 0.95), 4),
+        ratio_median=_finite(ratio_median, 3),
+        ratio_p95=_finite(ratio_p95, 3),
         b_errors=errors,
         flood_accepted=accepted,
-        flood_accept_s=round(accept_s, 3),
+        flood_accept_s=_finite(accept_s, 3),
         flood_done_meanwhile=done_meanwhile,
         flood_queued_at_end=queued_at_end,
         b_providers=dict(loaded.providers),
@@ -800,15 +829,22 @@ def render(report: BenchReport, console: Console) -> None:
         f"[bold]dispatcher bench[/]  config {report.config}, time scale {report.time_scale:g} "
         f"(latencies scaled, RPM windows 60 s), seed {report.seed}"
     )
+    parts: list[tuple[Table, list[str]]] = []
     if report.burst is not None:
-        console.print(render_burst(report.burst))
+        parts.append(render_burst(report.burst))
     if report.priority is not None:
-        console.print(render_priority(report.priority))
+        parts.append(render_priority(report.priority))
     if report.fairness is not None:
-        console.print(render_fairness(report.fairness))
+        parts.append(render_fairness(report.fairness))
+    for table, notes in parts:
+        console.print()
+        console.print(table)
+        for note in notes:
+            console.print(f"  {note}")
 
 
-def render_burst(report: BurstReport) -> Table:
+def render_burst(report: BurstReport) -> tuple[Table, list[str]]:
+    """The burst table and the notes printed under it."""
     names = list(report.providers)
     table = Table(title="burst: N default jobs at once", title_justify="left")
     for column in ("strategy", "completed", "429s", "makespan s", "bound s", "efficiency"):
@@ -837,22 +873,21 @@ def render_burst(report: BurstReport) -> Table:
             *(str(run.per_provider.get(name, 0)) for name in names),
         )
     limits = ", ".join(
-        f"{name} {c}x/{latency:.3g}s{f'/{rpm}rpm' if rpm else ''}"
+        f"{name} {c}x{latency:.3g}s{f' {rpm}/min' if rpm else ''}"
         for name, (c, latency, rpm) in report.providers.items()
     )
-    caption = [f"providers (slots/mean latency/rpm): {limits}"]
+    notes = [f"providers (slots x mean latency, rpm): {limits}"]
     if report.slowdown is not None:
-        caption.append(f"weighted makespan / capacity makespan = {report.slowdown:.2f}x")
-    caption.append(
+        notes.append(f"weighted makespan / capacity makespan = {report.slowdown:.2f}x")
+    notes.append(
         f"target (capacity): all completed, 0 upstream 429s, efficiency >= {EFFICIENCY_TARGET}: "
         + _verdict(report.target_met)
     )
-    table.caption = "\n".join(caption)
-    table.caption_justify = "left"
-    return table
+    return table, notes
 
 
-def render_priority(report: PriorityReport) -> Table:
+def render_priority(report: PriorityReport) -> tuple[Table, list[str]]:
+    """The priority table (one row per realtime probe) and the notes printed under it."""
     table = Table(
         title=f"priority: realtime jobs behind {report.bulk_jobs} bulk jobs", title_justify="left"
     )
@@ -874,20 +909,20 @@ def render_priority(report: PriorityReport) -> Table:
             _s(probe.wait_s),
             _s(probe.wait_estimate_s),
         )
-    table.caption = (
-        f"bulk may use {', '.join(report.bulk_providers)}; realtime may use "
-        f"{', '.join(report.realtime_providers)}; the daemon accepted "
-        f"{report.bulk_accepted}/{report.bulk_jobs} bulk jobs in {_s(report.bulk_accept_s, 2)} s; "
-        f"upstream 429s {report.upstream_429}\n"
+    notes = [
+        f"bulk may use {', '.join(report.bulk_providers)}; "
+        f"realtime may use {', '.join(report.realtime_providers)}",
+        f"the daemon accepted {report.bulk_accepted}/{report.bulk_jobs} bulk jobs in "
+        f"{_s(report.bulk_accept_s, 2)} s; upstream 429s {report.upstream_429}",
         f"target: every wait <= one service time of {report.fastest_provider} "
         f"({report.fastest_service_s:.3f} s); max wait {_s(report.max_wait_s)} s: "
-        + _verdict(report.target_met)
-    )
-    table.caption_justify = "left"
-    return table
+        + _verdict(report.target_met),
+    ]
+    return table, notes
 
 
-def render_fairness(report: FairnessReport) -> Table:
+def render_fairness(report: FairnessReport) -> tuple[Table, list[str]]:
+    """The fairness table (one row per variant) and the notes printed under it."""
     table = Table(
         title="fairness: client A floods bulk jobs, client B sends one job at a time",
         title_justify="left",
@@ -920,12 +955,12 @@ def render_fairness(report: FairnessReport) -> Table:
             str(v.upstream_429),
             _verdict(v.target_met),
         )
-    first = report.variants[0] if report.variants else None
-    if first is not None:
-        table.caption = (
-            f"A: {first.flood_jobs} bulk jobs on one connection; B: {first.b_jobs} jobs on "
-            "another, one per interval, first on the idle daemon, then behind A's flood. "
-            f"Target: loaded within {FAIRNESS_TARGET - 1:.0%} of idle (median and p95)."
-        )
-        table.caption_justify = "left"
-    return table
+    notes = []
+    if report.variants:
+        first = report.variants[0]
+        notes = [
+            f"A: {first.flood_jobs} bulk jobs at once on one connection; B: {first.b_jobs} jobs "
+            "on another, one per interval, on the idle daemon, then behind A's flood",
+            f"target: B's loaded latency within {FAIRNESS_TARGET - 1:.0%} of idle (median and p95)",
+        ]
+    return table, notes
