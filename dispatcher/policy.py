@@ -18,7 +18,7 @@ import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.circuit import CircuitBreaker
@@ -35,6 +35,9 @@ from dispatcher.jobs import Job
 from dispatcher.limits import RateLearner, TokenBucket, WindowCounter
 
 EPSILON = 1e-6
+# A provider counts a request when it arrives, a little after we sent it; tokens come
+# back a second late so a request sent the moment one returns is never early.
+RPM_WINDOW_S = 61.0
 EXPIRY_SCAN = 64  # queued jobs checked for a hopeless deadline when nothing can start
 LATENCY_ALPHA = 0.2  # weight of a new observation in the latency average
 
@@ -71,7 +74,7 @@ class ProviderLimits:
         return cls(
             name=name,
             config=config,
-            bucket=TokenBucket(config.rpm, burst=config.burst),
+            bucket=TokenBucket(config.rpm, window_s=RPM_WINDOW_S, burst=config.burst),
             circuit=CircuitBreaker(threshold=failures, cooldown_s=cooldown_s),
             learner=RateLearner() if config.rpm == 0 else None,
             latency_s=config.latency_s,
@@ -294,6 +297,8 @@ def plan(
     *,
     per_provider: int,
     retry_budget: int | None = None,
+    wanted: Collection[str] | None = None,
+    expiry_scan: int = EXPIRY_SCAN,
     max_scan: int = 4096,
 ) -> Plan:
     """Decide which queued jobs start now and where.
@@ -302,20 +307,28 @@ def plan(
     share). Stops as soon as no provider can start anything now, so a deep
     queue costs nothing while every provider is busy. ``retry_budget`` caps how
     many jobs that already had an attempt may start now (None: no cap), so a
-    failing provider cannot multiply the load on the others.
+    failing provider cannot multiply the load on the others. ``wanted`` names the
+    providers some queued job may use: an idle provider nobody can use (the
+    embeddings one during chat work) must not make every call read the queue.
+    ``expiry_scan`` is how many jobs to check for a hopeless deadline when
+    nothing can start (0: none; the deadline heap enforces deadlines anyway).
     """
     result = Plan()
-    startable = {name: free for name, p in limits.items() if (free := p.free_now(now))}
+    startable = {
+        name: free
+        for name, p in limits.items()
+        if (wanted is None or name in wanted) and (free := p.free_now(now))
+    }
     wake = _next_change(limits, now)
     # With nothing startable only the head of the queue is read, to fail fast the
     # jobs that cannot start before their deadline; a deep queue costs nothing then.
-    limit = max_scan if startable else EXPIRY_SCAN
+    limit = max_scan if startable else expiry_scan
     paper: dict[str, _Paper] = {}
     for scanned, job in enumerate(jobs):
         if scanned >= limit:
             break
         if not startable:
-            limit = min(limit, scanned + EXPIRY_SCAN)
+            limit = min(limit, scanned + expiry_scan)
             if job.deadline is None:
                 continue
         is_retry = job.attempts > 0

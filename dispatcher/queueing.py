@@ -42,7 +42,10 @@ class FairQueue:
             self._order = sorted(self._levels, reverse=True)
         queue = clients.get(job.client)
         if queue is None:
-            queue = clients[job.client] = deque()
+            # A client new to this level is served next: it has waited for nothing yet,
+            # while everyone already in the rotation has just had a turn.
+            queue = deque()
+            clients = self._levels[level] = {job.client: queue, **clients}
         if front:
             queue.appendleft(job)
         else:

@@ -66,6 +66,7 @@ MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
 MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
 RETRY_BUDGET_MIN = 3  # retries that may always be in flight
 RETRY_BUDGET_SHARE = 0.2  # beyond that, at most this share of the attempts in flight
+EXPIRY_SCAN_EVERY_S = 0.1  # how often planning also looks for hopeless deadlines
 HEDGE_SHARE = 0.05  # hedged copies are at most this share of all attempts
 
 
@@ -107,6 +108,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._wakeup = anyio.Event()
         self._dispatching = False
+        self._last_expiry_scan = -1.0
         self.started_at = clock()
         self.turns = 0  # loop iterations: the watchdog's sign of progress
         self.jobs_done = 0
@@ -658,13 +660,20 @@ class Scheduler:
     def _poke(self) -> None:
         self._wakeup.set()
 
+    def _wanted(self) -> set[str]:
+        """Providers some queued job may use."""
+        return {name for name in self.limits if self.queue.count_provider(name)}
+
     def _dispatch_now(self, now: float) -> None:
         """Plan at once when a provider could start something; else leave it to the loop.
 
         Checking the providers first keeps a burst of submits cheap: while every
         provider is busy, a submit costs no planning at all.
         """
-        if self._dispatching or not any(p.free_now(now) for p in self.limits.values()):
+        wanted = self._wanted()
+        if self._dispatching or not any(
+            p.free_now(now) for name, p in self.limits.items() if name in wanted
+        ):
             self._poke()
             return
         self._dispatching = True
@@ -681,12 +690,17 @@ class Scheduler:
             jobs = (job for job in self.queue if not job.durable)
         running = sum(limits.in_flight for limits in self.limits.values())
         budget = max(RETRY_BUDGET_MIN, int(RETRY_BUDGET_SHARE * running))
+        expiry_scan = 0
+        if now - self._last_expiry_scan >= EXPIRY_SCAN_EVERY_S:
+            expiry_scan, self._last_expiry_scan = policy.EXPIRY_SCAN, now
         decided = policy.plan(
             jobs,
             self.limits,
             now,
             per_provider=self.config.retry.per_provider,
             retry_budget=budget - len(self.retries_in_flight),
+            wanted=self._wanted(),
+            expiry_scan=expiry_scan,
         )
         for job in decided.expired:
             self.queue.remove(job)

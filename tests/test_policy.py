@@ -13,6 +13,7 @@ from dispatcher.errors import ContextTooLong, NoProvider, UpstreamError
 from dispatcher.jobs import Job
 from dispatcher.limits import RateLearner, TokenBucket
 from dispatcher.policy import (
+    RPM_WINDOW_S,
     ProviderLimits,
     classify_chat,
     describe_attempts,
@@ -163,7 +164,7 @@ def test_plan_respects_tokens_and_wakes_when_one_returns() -> None:
     provs["a"].bucket.take(1.0)
     decided = plan([job(0, eligible=("a",))], provs, 5.0, per_provider=3)
     assert decided.assign == []
-    assert decided.wake_at == 60.0
+    assert decided.wake_at == RPM_WINDOW_S  # 60 s and a second for the request's transit
 
 
 def test_plan_sends_nothing_to_a_provider_inside_its_retry_after() -> None:
@@ -214,13 +215,31 @@ def test_queue_puts_realtime_before_bulk() -> None:
 
 
 def test_queue_interleaves_clients_within_a_level() -> None:
-    """Two clients' jobs alternate, however many the first one queued."""
+    """A client arriving behind another's hundred jobs is served first, then they alternate."""
     queue = FairQueue()
     for i in range(100):
         queue.push(job(i, client="big"))
     queue.push(job(500, client="small"))
-    first_three = [j.client for _, j in zip(range(3), queue, strict=False)]
-    assert first_three == ["big", "small", "big"]
+    queue.push(job(501, client="small"))
+    first_four = [j.client for _, j in zip(range(4), queue, strict=False)]
+    assert first_four == ["small", "big", "small", "big"]
+
+
+def test_plan_reads_little_of_the_queue_when_only_an_unwanted_provider_is_idle() -> None:
+    """An idle provider no queued job may use does not make planning read the queue."""
+    provs = {"busy": limits("busy"), "embed": limits("embed")}
+    provs["busy"].reserve("running", 0.0)
+    read = 0
+
+    def jobs() -> Any:
+        nonlocal read
+        for i in range(1000):
+            read += 1
+            yield job(i, eligible=("busy",))
+
+    decided = plan(jobs(), provs, 0.1, per_provider=3, wanted={"busy"}, expiry_scan=0)
+    assert decided.assign == []
+    assert read <= 1
 
 
 def test_queue_rotates_after_service() -> None:
