@@ -62,7 +62,8 @@ log = structlog.get_logger("dispatcher.server")
 
 PERSIST_TIMEOUT_S = 60.0  # the journal commits in milliseconds; this only bounds a sick disk
 WRITE_TIMEOUT_S = 30.0
-FLUSH_TIMEOUT_S = 5.0  # replies still buffered when a connection ends get this long
+FLUSH_TIMEOUT_S = 5.0
+YIELD_EVERY_LINES = 8  # let other connections run after this many buffered lines  # replies still buffered when a connection ends get this long
 HALF_CLOSE_POLL_S = 1.0  # after a half-close, how often to check the peer is still there  # a client that reads nothing for this long is dropped
 PARTIAL_LINE_TIMEOUT_S = 30.0  # a started line must be finished within this
 ROOT_UID = 0
@@ -165,6 +166,7 @@ class Connection:
         config = self.server.config
         reader = BufferedByteReceiveStream(self.stream)
         decoder = RequestDecoder()
+        handled = 0
         async with anyio.create_task_group() as tg:
             self._scope = tg.cancel_scope
             while not self._closed:
@@ -193,6 +195,11 @@ class Connection:
                     break
                 if line.strip():
                     self._dispatch(line, decoder, tg)
+                    handled += 1
+                    if handled % YIELD_EVERY_LINES == 0:
+                        # Lines already buffered are read without waiting: without this,
+                        # one client's flood would hold the loop from every other client.
+                        await anyio.lowlevel.checkpoint()
             await self._writer.flush(FLUSH_TIMEOUT_S)
             tg.cancel_scope.cancel()
 
