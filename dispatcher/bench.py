@@ -38,20 +38,21 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from dispatcher import logs
-from dispatcher.app import Daemon, Options
 from dispatcher.client import Client
 from dispatcher.config import ClassPolicy, Config, ConfigError, builtin_config, load_config
 from dispatcher.jobs import Job
 from dispatcher.protocol import Error, Reply, Result, Status
-from dispatcher.simulator import Simulator
+
+if TYPE_CHECKING:  # the daemon (aiohttp and all) loads only when a benchmark runs
+    from dispatcher.app import Daemon
+    from dispatcher.simulator import Simulator
 
 Scenario = Literal["burst", "priority", "fairness"]
 SCENARIOS: tuple[Scenario, ...] = ("burst", "priority", "fairness")
@@ -301,6 +302,8 @@ class _Bench:
 @asynccontextmanager
 async def bench_daemon(config: Config, settings: BenchSettings) -> AsyncIterator[_Bench]:
     """A daemon on the simulator, serving on a socket in a fresh temporary directory."""
+    from dispatcher.app import Daemon, Options
+
     with tempfile.TemporaryDirectory(prefix="dispatcher-bench-") as tmp:
         daemon_config = msgspec.structs.replace(config.daemon, state_dir=str(Path(tmp) / "state"))
         config = msgspec.structs.replace(config, daemon=daemon_config)
@@ -774,6 +777,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         err.print(f"[dim]{text} ...[/]")
 
     with contextlib.ExitStack() as stack:
+        from dispatcher import logs  # structlog loads only when a benchmark runs
+
         if args.log:
             logs.configure("info", stack.enter_context(open(args.log, "a")), json=True)
         else:
