@@ -2,10 +2,13 @@
 
     .venv/bin/python benchmarks/overhead.py [--requests 2000] [--concurrency 32]
 
-One fake provider with no latency runs in this process. The baseline is the
-raw aiohttp client posting to it directly; the measured path is the same
-requests through a real `dispatcher serve` subprocess and its Unix socket.
-Both run in the same session, so the result is a ratio, not an absolute.
+One fake provider with no latency runs in its own process (as a real upstream
+would). The baseline is the raw aiohttp client in this process posting to it
+directly; the measured path is the same requests through a real
+`dispatcher serve` subprocess and its Unix socket. Both run in the same
+session, so the result is a ratio, not an absolute. `--same-process-upstream`
+runs the fake in this process instead (then the raw baseline crosses no
+process boundary at all, and the daemon path crosses four).
 Targets (DESIGN.md): at most 0.2 ms added at the median and 1 ms at p99;
 at least 70% of the raw client's request rate.
 """
@@ -19,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -116,16 +121,45 @@ async def wait_for_daemon(sock: str, daemon: anyio.abc.Process) -> None:
                 await anyio.sleep(0.05)
 
 
-async def main(requests: int, concurrency: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="dispatcher-overhead-") as tmp:
+_FAKE = f"""
+import anyio, sys
+from dispatcher.simulator import Behaviour, FakeProvider
+async def main():
+    async with FakeProvider(Behaviour(name="zero", model="m", api_key={KEY!r})) as fake:
+        print(fake.url, flush=True)
+        await anyio.sleep_forever()
+anyio.run(main, backend_options={{"use_uvloop": True}})
+"""
+
+
+@asynccontextmanager
+async def upstream(same_process: bool) -> AsyncIterator[str]:
+    """The fake provider's URL, served here or by a child process."""
+    if same_process:
         async with FakeProvider(Behaviour(name="zero", model="m", api_key=KEY)) as fake:
+            yield fake.url
+        return
+    process = await anyio.open_process([sys.executable, "-c", _FAKE], stderr=None)
+    try:
+        assert process.stdout is not None
+        with anyio.fail_after(20):
+            url = (await process.stdout.receive()).decode().strip()
+        yield url
+    finally:
+        process.terminate()
+        await process.aclose()
+
+
+async def main(requests: int, concurrency: int, same_process: bool) -> int:
+    with tempfile.TemporaryDirectory(prefix="dispatcher-overhead-") as tmp:
+        async with upstream(same_process) as url:
             config = Path(tmp) / "config.toml"
             config.write_text(
                 f"""
 [daemon]
 log_level = "warning"
 [providers.zero]
-url = "{fake.url}"
+url = "{url}"
 model = "m"
 api_key_env = "ZERO_KEY"
 concurrency = {concurrency * 2}
@@ -155,11 +189,11 @@ enabled = false
             try:
                 await wait_for_daemon(sock, daemon)
                 warm = max(50, requests // 10)
-                await raw_latencies(fake.url, warm)
+                await raw_latencies(url, warm)
                 await daemon_latencies(sock, warm)
-                raw = await raw_latencies(fake.url, requests)
+                raw = await raw_latencies(url, requests)
                 via = await daemon_latencies(sock, requests)
-                raw_rps = await raw_rate(fake.url, requests, concurrency)
+                raw_rps = await raw_rate(url, requests, concurrency)
                 via_rps = await daemon_rate(sock, requests, concurrency)
             finally:
                 daemon.terminate()
@@ -188,7 +222,14 @@ if __name__ == "__main__":
     )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--same-process-upstream", action="store_true")
     args = parser.parse_args()
     raise SystemExit(
-        anyio.run(main, args.requests, args.concurrency, backend_options={"use_uvloop": True})
+        anyio.run(
+            main,
+            args.requests,
+            args.concurrency,
+            args.same_process_upstream,
+            backend_options={"use_uvloop": True},
+        )
     )
