@@ -40,7 +40,6 @@ from dispatcher.supervisor import ChildSpec, RestartIntensityExceeded, Superviso
 log = structlog.get_logger("dispatcher.app")
 
 EXIT_OK = 0
-EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: an actor crashed past its restart limit
 
 
@@ -94,6 +93,7 @@ class Daemon:
                     )
                     await tg.start(self.server.run)
                     await self._start_http(tg)
+                    self._warn_unimplemented()
                     self.notifier.ready(self._summary())
                     log.info(
                         "daemon.ready",
@@ -114,6 +114,15 @@ class Daemon:
                 self.notifier.close()
         log.info("daemon.stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def _warn_unimplemented(self) -> None:
+        """Say so, once, when the configuration asks for what this version does not do."""
+        if self.config.cluster.redis_url or self.config.cache.redis_url:
+            log.warning(
+                "config.redis_ignored",
+                detail="this version keeps limits and the cache per host; the Redis settings "
+                "([cluster] and [cache] redis_url) are accepted but not used",
+            )
 
     async def _start_metrics(self, tg: TaskGroup) -> None:
         """Prometheus text on [metrics]; kept up during a drain so the drain is visible."""

@@ -29,7 +29,6 @@ from dispatcher.config import (
 )
 from dispatcher.protocol import Chunk, Error, Health, Reply, Result, Status
 
-EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: no daemon
 EXIT_FAILED = 1
 

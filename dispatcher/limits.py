@@ -162,10 +162,6 @@ class RateLearner:
         if self.rpm is not None:
             self.rpm = min(self.ceiling, self.rpm + 1.0 / self.rpm)
 
-    def on_published(self, limit: int) -> None:
-        """The provider told us its limit (``x-ratelimit-limit-requests``)."""
-        self.rpm = float(limit)
-
     @property
     def bucket_rpm(self) -> int:
         return 0 if self.rpm is None else max(1, math.floor(self.rpm))

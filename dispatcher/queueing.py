@@ -92,9 +92,6 @@ class FairQueue:
                 queues = alive
                 depth += 1
 
-    def count_class(self, klass: str) -> int:
-        return self._by_class[klass]
-
     def count_provider(self, name: str) -> int:
         """Queued jobs that may run on this provider."""
         return self._by_provider[name]

@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import anyio
@@ -114,8 +114,6 @@ class Scheduler:
         self.jobs_done = 0
         self.jobs_failed = 0
         self.accepting = True
-        self._idle = anyio.Event()
-        self._idle.set()
         self.observers: list[Observer] = []
         self.journal: Journal | None = None
         self.keys: dict[tuple[int, str], tuple[str, str]] = {}  # (uid, key) -> (digest, job id)
@@ -188,8 +186,6 @@ class Scheduler:
         if request.key is not None:
             self.keys[(uid, request.key)] = (job.digest, job.id)
         self.active[job.id] = job
-        if self._idle.is_set():
-            self._idle = anyio.Event()
         job.cache_key = cache_key(request, job.klass)
         cached = self.cache.get(job.cache_key) if job.cache_key else None
         if cached is not None:
@@ -392,10 +388,6 @@ class Scheduler:
             return ProbeResult(ok=False, error=outcome.message)
         self.cancel(job)
         return ProbeResult(ok=False, error=f"no answer within {timeout_s:g} s")
-
-    async def wait_idle(self) -> None:
-        """Return once no job is queued or running."""
-        await self._idle.wait()
 
     def drain(self) -> None:
         """Stop starting journaled jobs: they wait in the journal for the next start."""
@@ -772,8 +764,6 @@ class Scheduler:
             self.journal.finish(job)
         self.queued_bytes -= job.size
         self.active.pop(job.id, None)
-        if not self.active:
-            self._idle.set()
         self._changed.set()
         for observer in self.observers:
             observer.on_job_done(job, outcome)
@@ -858,9 +848,6 @@ class Scheduler:
             jobs_failed=self.jobs_failed,
             recent=list(self.recent),
         )
-
-    def running_jobs(self) -> Iterator[Job]:
-        return (job for job in self.active.values() if job.state == "running")
 
 
 def _state(limits: ProviderLimits, now: float) -> str:
