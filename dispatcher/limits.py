@@ -100,6 +100,45 @@ class TokenBucket:
         return [t + self.window_s for t in self._spent]
 
 
+class DailyBudget:
+    """Tokens per rolling day (``daily_tokens``): each use comes back ``window_s`` later."""
+
+    __slots__ = ("_total", "_used", "limit", "window_s")
+
+    def __init__(self, limit: int, *, window_s: float = 86_400.0) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._used: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def __repr__(self) -> str:
+        return f"<DailyBudget {self._total}/{self.limit} tokens>"
+
+    def _expire(self, now: float) -> None:
+        used = self._used
+        while used and used[0][0] + self.window_s <= now:
+            self._total -= used.popleft()[1]
+
+    def remaining(self, now: float) -> int:
+        self._expire(now)
+        return max(0, self.limit - self._total)
+
+    def spend(self, now: float, tokens: int) -> None:
+        """Record a use (negative: a correction once the real count is known)."""
+        self._used.append((now, tokens))
+        self._total += tokens
+
+    def frees_at(self, now: float, tokens: int) -> float:
+        """When ``tokens`` more will fit, if nothing else is spent meanwhile."""
+        missing = tokens - self.remaining(now)
+        for at, spent in self._used:
+            if missing <= 0:
+                break
+            missing -= spent
+            now = at + self.window_s
+        return now
+
+
 class WindowCounter:
     """Events in the last ``window_s``, in one-second bins: bounded memory at any rate."""
 

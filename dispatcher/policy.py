@@ -27,12 +27,13 @@ from dispatcher.errors import (
     ContextTooLong,
     DispatcherError,
     NoProvider,
+    QuotaExhausted,
     Timeout,
     UpstreamError,
     UpstreamFailed,
 )
 from dispatcher.jobs import Job
-from dispatcher.limits import RateLearner, TokenBucket, WindowCounter
+from dispatcher.limits import DailyBudget, RateLearner, TokenBucket, WindowCounter
 
 EPSILON = 1e-6
 # A provider counts a request when it arrives, a little after we sent it; tokens come
@@ -66,6 +67,7 @@ class ProviderLimits:
     rate_limited: int = 0
     sent: WindowCounter = field(default_factory=WindowCounter)  # requests in the last minute
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=200))  # service times
+    daily: DailyBudget | None = None  # the provider's daily token quota, when it has one
 
     @classmethod
     def from_config(
@@ -78,6 +80,7 @@ class ProviderLimits:
             circuit=CircuitBreaker(threshold=failures, cooldown_s=cooldown_s),
             learner=RateLearner() if config.rpm == 0 else None,
             latency_s=config.latency_s,
+            daily=DailyBudget(config.daily_tokens) if config.daily_tokens else None,
         )
 
     def __repr__(self) -> str:
@@ -116,10 +119,15 @@ class ProviderLimits:
     def can_start(self, now: float) -> bool:
         return self.free_now(now) > 0
 
-    def reserve(self, job_id: str, now: float) -> None:
+    def reserve(self, job_id: str, now: float, tokens: int = 0) -> None:
         self.bucket.take(now)
         self.sent.add(now)
+        if self.daily is not None:
+            self.daily.spend(now, tokens)
         self.running[job_id] = now
+
+    def fits_today(self, tokens: int, now: float) -> bool:
+        return self.daily is None or self.daily.remaining(now) >= tokens
 
     def release(self, job_id: str) -> None:
         self.running.pop(job_id, None)
@@ -222,6 +230,25 @@ def classify_embed(
         reasons = "; ".join(f"{p}: {_why_disabled(p, limits)}" for p in names) or "none configured"
         raise NoProvider(f"no enabled embeddings provider ({reasons})")
     return enabled
+
+
+def check_quota(
+    eligible: tuple[str, ...], limits: Mapping[str, ProviderLimits], tokens: int, now: float
+) -> None:
+    """QuotaExhausted when no eligible provider has ``tokens`` left of its daily quota."""
+    if any(limits[name].fits_today(tokens, now) for name in eligible):
+        return
+    soonest = min(eligible, key=lambda n: _frees_at(limits[n], tokens, now))
+    wait = _frees_at(limits[soonest], tokens, now) - now
+    raise QuotaExhausted(
+        f"the daily token quota of {', '.join(eligible)} is used up; {soonest} has room for "
+        f"this job again in {wait / 3600:.1f} h",
+        retry_after_s=round(wait, 1),
+    )
+
+
+def _frees_at(state: ProviderLimits, tokens: int, now: float) -> float:
+    return state.daily.frees_at(now, tokens) if state.daily is not None else now
 
 
 def _why_disabled(name: str, limits: Mapping[str, ProviderLimits]) -> str:
@@ -337,7 +364,7 @@ def plan(
         best_name, best_at, best_end = None, math.inf, math.inf
         for name in job.candidates(per_provider):
             state = limits.get(name)
-            if state is None or not state.enabled:
+            if state is None or not state.enabled or not state.fits_today(job.prompt_tokens, now):
                 continue
             sheet = paper.get(name)
             if sheet is None:

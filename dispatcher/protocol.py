@@ -138,6 +138,7 @@ class ProviderStatus(msgspec.Struct, kw_only=True):
     learned_rpm: float | None = None
     circuit: str = "closed"
     blocked_for_s: float = 0.0
+    daily_tokens_left: int | None = None
     problem: str | None = None
 
 

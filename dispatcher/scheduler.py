@@ -268,6 +268,8 @@ class Scheduler:
                 and not request.providers
             ):
                 pick = policy.weighted_pick(class_policy, eligible, self.rng)
+        if classify:
+            policy.check_quota(eligible, self.limits, tokens, now)
         timeout = request.timeout_s or DEFAULT_TIMEOUT_S
         return Job(
             digest=request_digest(request) if request.key is not None else "",
@@ -532,6 +534,8 @@ class Scheduler:
         self, job: Job, provider: str, limits: ProviderLimits, answer: Answer, now: float
     ) -> None:
         self._record_success(limits, answer, now)
+        if limits.daily is not None:  # the real count replaces the estimate spent at dispatch
+            limits.daily.spend(now, answer.answer.usage.total_tokens - job.prompt_tokens)
         result = self._result(job, provider, limits, answer, now)
         if job.cache_key is not None:
             self.cache.put(job.cache_key, result)
@@ -699,7 +703,7 @@ class Scheduler:
             self._finish(job, self._timeout_error(job, "could not start before its deadline"))
         for job, name in decided.assign:
             self.queue.remove(job, served=True)
-            self.limits[name].reserve(job.id, now)
+            self.limits[name].reserve(job.id, now, job.prompt_tokens)
             job.state, job.provider = "running", name
             job.attempts += 1
             self.attempts_sent += 1
@@ -835,6 +839,7 @@ class Scheduler:
                 learned_rpm=None if limits.learner is None else limits.learner.rpm,
                 circuit=limits.circuit.state,
                 blocked_for_s=round(max(0.0, limits.blocked_until - now), 3),
+                daily_tokens_left=None if limits.daily is None else limits.daily.remaining(now),
                 problem=limits.problem,
             )
         return Status(
