@@ -286,9 +286,10 @@ class _Paper:
         reopen = limits.circuit.reopens_at()
         if usable == 0 and reopen is not None:
             usable, self.blocked = 1, max(self.blocked, reopen)
-        # an attempt past its expected end is assumed to need a quarter of a service time more
+        # An attempt past its expected end is assumed to need as long again as it has run
+        # (at least a quarter of a service time): a hanging provider must not look almost free.
         ends = sorted(
-            max(start + self.latency, now + 0.25 * self.latency)
+            max(start + self.latency, now + max(0.25 * self.latency, now - start))
             for start in limits.running.values()
         )
         free = max(0, usable - len(ends))

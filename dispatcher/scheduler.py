@@ -454,6 +454,8 @@ class Scheduler:
         elif isinstance(outcome, Answer):
             self._on_success(job, provider, limits, outcome, now)
         elif isinstance(outcome, UpstreamError):
+            if outcome.kind == "timeout":
+                limits.observe_latency(now - started)  # slowness the planner must see
             self._on_failure(job, provider, limits, outcome, now)
         elif job.stop is not None:
             self._finish(job, job.stop)
