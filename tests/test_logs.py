@@ -174,7 +174,7 @@ def captured() -> io.StringIO:
         pytest.param("sk-" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6", id="openai-style"),
         pytest.param("sk-proj-" + "Zz9_Yy8-Xx7Ww6Vv5Uu4Tt3", id="openai-project"),
         pytest.param("nvapi-" + "Qw3rTy_uI0pAsDfGhJkL-zXcVbNm1234567890abcd", id="nvidia"),
-        pytest.param("0123456789abcdef0123456789abcdef.AbCdEfGhIjKlMnOp", id="zhipu"),
+        pytest.param("0123456789abcdef" * 2 + "." + "AbCdEfGhIjKlMnOp", id="zhipu"),
     ],
 )
 def test_key_shaped_strings_are_masked(captured: io.StringIO, secret: str) -> None:
