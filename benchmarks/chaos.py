@@ -61,8 +61,8 @@ import anyio
 from aiohttp import web
 from anyio.abc import Process
 
-from dispatcher.client import Client, ConnectionLost, DaemonNotRunning
-from dispatcher.protocol import Accepted, Error, Pong, Result, Status
+from dispatcher.client import Client, ConnectionLost, DaemonNotRunning, answers_ping
+from dispatcher.protocol import Accepted, Error, Result, Status
 from dispatcher.simulator import Behaviour, FakeProvider
 
 READY_TIMEOUT_S = 60.0
@@ -346,7 +346,7 @@ class DaemonProcess:
         """Seconds from ``started`` until the daemon answered ``ping``."""
         assert self.process is not None
         with anyio.fail_after(READY_TIMEOUT_S):
-            while not await self._pongs():
+            while not await answers_ping(self.socket):
                 if self.process.returncode is not None:
                     raise RuntimeError(
                         f"the daemon exited with {self.process.returncode} while starting; "
@@ -354,14 +354,6 @@ class DaemonProcess:
                     )
                 await anyio.sleep(0.01)
         return time.monotonic() - started
-
-    async def _pongs(self) -> bool:
-        try:
-            with anyio.fail_after(2.0):
-                async with Client.connect(self.socket, timeout_s=1.0) as client:
-                    return isinstance(await client.call({"op": "ping"}), Pong)
-        except CONNECTION_ERRORS:
-            return False
 
     def kill(self) -> None:
         assert self.process is not None

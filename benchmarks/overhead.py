@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import anyio
 
-from dispatcher.client import Client, DaemonNotRunning
+from dispatcher.client import Client, answers_ping
 from dispatcher.simulator import Behaviour, FakeProvider
 
 KEY = "overhead-bench-key-0000"
@@ -110,15 +110,10 @@ async def daemon_rate(sock: str, n: int, concurrency: int) -> float:
 
 async def wait_for_daemon(sock: str, daemon: anyio.abc.Process) -> None:
     with anyio.fail_after(20):
-        while True:
+        while not await answers_ping(sock):
             if daemon.returncode is not None:
                 raise SystemExit(f"the daemon exited with {daemon.returncode}")
-            try:
-                async with Client.connect(sock) as client:
-                    await client.call({"op": "ping"})
-                return
-            except (DaemonNotRunning, OSError):
-                await anyio.sleep(0.05)
+            await anyio.sleep(0.05)
 
 
 _FAKE = f"""

@@ -34,11 +34,11 @@ import anyio
 
 from dispatcher import logs
 from dispatcher.app import Daemon, Options
-from dispatcher.client import Client, ConnectionLost, DaemonNotRunning
+from dispatcher.client import answers_ping
 from dispatcher.config import Config, parse_config
 from dispatcher.jobs import Job
 from dispatcher.journal import Journal, request_digest
-from dispatcher.protocol import ChatRequest, Pong
+from dispatcher.protocol import ChatRequest
 from dispatcher.simulator import Behaviour, FakeProvider
 
 KEY_ENV = "RESTART_BENCH_KEY"
@@ -133,15 +133,6 @@ def to_toml(raw: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
-async def ping(socket: str) -> bool:
-    try:
-        with anyio.fail_after(2.0):
-            async with Client.connect(socket, timeout_s=1.0) as client:
-                return isinstance(await client.call({"op": "ping"}), Pong)
-    except (DaemonNotRunning, ConnectionLost, OSError, TimeoutError, anyio.BrokenResourceError):
-        return False
-
-
 def fresh_state(state: Path, journal: Path | None) -> Path:
     """An empty state directory, holding a copy of ``journal`` when one is given."""
     shutil.rmtree(state, ignore_errors=True)
@@ -172,7 +163,7 @@ async def time_process(workdir: Path, journal: Path | None, env: dict[str, str])
         process = await anyio.open_process(command, stdout=log, stderr=log, env=env)
     try:
         with anyio.fail_after(READY_TIMEOUT_S):
-            while not await ping(socket):
+            while not await answers_ping(socket):
                 if process.returncode is not None:
                     raise RuntimeError(f"the daemon exited {process.returncode}; see daemon.log")
                 await anyio.sleep(0.005)
@@ -196,7 +187,7 @@ async def time_in_process(
         started = time.monotonic()
         await tg.start(daemon.run)
         ready = time.monotonic() - started
-        ok = await ping(socket)
+        ok = await answers_ping(socket)
         ponged = time.monotonic() - started
         active = len(daemon.scheduler.active)
         daemon.request_stop()

@@ -23,7 +23,7 @@ from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
-from dispatcher.protocol import Accepted, Chunk, Error, Reply
+from dispatcher.protocol import Accepted, Chunk, Error, Pong, Reply
 from dispatcher.writer import LineWriter, PeerGone
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
@@ -141,3 +141,17 @@ class Client:
             final = reply
         assert final is not None
         return final
+
+
+async def answers_ping(path: str, *, timeout_s: float = 2.0) -> bool:
+    """Whether a daemon serves on ``path`` right now: a ping answered within ``timeout_s``.
+
+    For start-up waits (the demo, benchmarks, tests): every way a daemon that is not
+    there yet, or not any more, can show itself counts as "no".
+    """
+    try:
+        with anyio.fail_after(timeout_s):
+            async with Client.connect(path, timeout_s=timeout_s) as client:
+                return isinstance(await client.call({"op": "ping"}), Pong)
+    except (DaemonNotRunning, ConnectionLost, OSError, TimeoutError, anyio.BrokenResourceError):
+        return False

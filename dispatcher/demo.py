@@ -15,7 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from dispatcher.client import DaemonNotRunning
+import anyio
+
+from dispatcher.client import answers_ping
 
 PROMPTS = [
     ("realtime", "What time zone is Shanghai in?"),
@@ -31,24 +33,13 @@ def _dispatcher(*args: str) -> list[str]:
 
 
 def _wait_for_socket(path: Path, daemon: subprocess.Popen[bytes], deadline_s: float) -> None:
-    import anyio
-
-    from dispatcher.client import Client
-
-    async def probe() -> None:
-        async with Client.connect(str(path)) as client:
-            await client.call({"op": "ping"})
-
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if daemon.poll() is not None:
             raise SystemExit(f"the daemon exited early with code {daemon.returncode}")
-        try:
-            anyio.run(probe)
-        except (DaemonNotRunning, OSError):
-            time.sleep(0.05)
-        else:
+        if anyio.run(answers_ping, str(path)):
             return
+        time.sleep(0.05)
     raise SystemExit(f"the daemon did not come up within {deadline_s:g} s")
 
 

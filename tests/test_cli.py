@@ -15,8 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dispatcher.client import Client, DaemonNotRunning
-from dispatcher.protocol import Pong
+from dispatcher.client import answers_ping as client_answers_ping
 
 START_DEADLINE_S = 15.0
 COMMAND_TIMEOUT_S = 20.0
@@ -45,14 +44,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def answers_ping(socket: str) -> bool:
-    async def ping() -> bool:
-        try:
-            async with Client.connect(socket, timeout_s=1.0) as client:
-                return isinstance(await client.call({"op": "ping"}), Pong)
-        except (DaemonNotRunning, OSError):
-            return False
-
-    return anyio.run(ping)
+    return anyio.run(client_answers_ping, socket)
 
 
 def why(done: subprocess.CompletedProcess[str], served: Served) -> str:
