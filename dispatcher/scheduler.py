@@ -676,13 +676,13 @@ class Scheduler:
             return
         self._dispatching = True
         try:
-            wake_at = self._dispatch(now)
+            wake_at = self._dispatch(now, wanted)
         finally:
             self._dispatching = False
         if wake_at is not None:
             self._poke()  # the loop sets its timer
 
-    def _dispatch(self, now: float) -> float | None:
+    def _dispatch(self, now: float, wanted: set[str] | None = None) -> float | None:
         jobs: Iterable[Job] = self.queue
         if self.draining:
             jobs = (job for job in self.queue if not job.durable)
@@ -697,7 +697,7 @@ class Scheduler:
             now,
             per_provider=self.config.retry.per_provider,
             retry_budget=budget - len(self.retries_in_flight),
-            wanted=self._wanted(),
+            wanted=self._wanted() if wanted is None else wanted,
             expiry_scan=expiry_scan,
         )
         for job in decided.expired:
