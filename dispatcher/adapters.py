@@ -29,9 +29,12 @@ import re
 from collections.abc import Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, TypeVar, get_args
 
 import msgspec
+
+from dispatcher.config import AdapterName
+from dispatcher.protocol import Usage
 
 __all__ = [
     "ADAPTERS",
@@ -53,7 +56,6 @@ __all__ = [
     "retry_after_seconds",
 ]
 
-AdapterName = Literal["openai", "zhipu", "hunyuan", "nvidia", "siliconflow"]
 ADAPTERS: Final[frozenset[str]] = frozenset(get_args(AdapterName))
 
 _EXCERPT_CHARS: Final = 200
@@ -63,14 +65,6 @@ _MAX_SSE_LINE_BYTES: Final = 4 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- results
-
-
-class Usage(msgspec.Struct, kw_only=True):
-    """Token counts reported by the provider (zeros when it reported none)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
 
 
 class ChatAnswer(msgspec.Struct, kw_only=True):

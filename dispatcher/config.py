@@ -8,6 +8,7 @@ providers is used. Keys are never literals in the file: they come from
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -16,11 +17,11 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-from dispatcher.adapters import AdapterName
-
 DEFAULT_CONFIG_PATH = Path("/etc/dispatcher/config.toml")
 DEFAULT_SOCKET = "/run/dispatcher/dispatcher.sock"
 TASK_CLASSES: tuple[str, ...] = ("realtime", "complex", "default", "bulk")
+# How a provider spells its requests; the quirks of each live in the adapters.
+AdapterName = Literal["openai", "zhipu", "hunyuan", "nvidia", "siliconflow"]
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -333,8 +334,6 @@ def _check_references(config: Config, source: str) -> None:
             )
         if not provider.url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: providers.{name}.url: expected an http(s) URL")
-    from dispatcher.http_front import parse_listen  # here: it pulls in aiohttp
-
     for section, listen in (("http", config.http.listen), ("metrics", config.metrics.listen)):
         if listen is not None:
             parse_listen(listen, key=f"{source}: {section}.listen")
@@ -344,6 +343,28 @@ def _check_references(config: Config, source: str) -> None:
         raise ConfigError(
             f'{source}: daemon.socket_mode: expected an octal string such as "0660"'
         ) from None
+
+
+def parse_listen(value: str, *, key: str = "listen") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6; an empty host means 127.0.0.1)."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not 0 <= port <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT such as 127.0.0.1:8080, got {value!r}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # -- keys ----------------------------------------------------------------------------

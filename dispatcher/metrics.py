@@ -38,7 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from dispatcher.circuit import CircuitState
 from dispatcher.config import MetricsConfig
 from dispatcher.errors import UpstreamKind
-from dispatcher.http_front import WebService
+from dispatcher.ingress.web import WebService
 from dispatcher.jobs import Job
 from dispatcher.protocol import Result
 from dispatcher.scheduler import Scheduler

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from dispatcher.adapters import Usage
 from dispatcher.errors import ClientError, DispatcherError, ErrorCode
 
 TaskClass = Literal["realtime", "bulk", "complex", "default"]
@@ -91,6 +90,14 @@ OPS = ("chat", "embed", "cancel", "result", "status", "ping", "health")
 
 
 # -- replies -------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    """Token counts reported by the provider (zeros when it reported none)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
 
 
 class _Reply(msgspec.Struct, tag_field="event", kw_only=True, omit_defaults=True):

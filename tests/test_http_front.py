@@ -14,8 +14,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from dispatcher.config import HttpConfig
-from dispatcher.http_front import HttpFront, parse_listen
+from dispatcher.config import HttpConfig, parse_listen
+from dispatcher.http_front import HttpFront
 from dispatcher.simulator import Behaviour, Fault
 from tests.conftest import Running, build_config, fakes, provider_entry
 

@@ -1,0 +1,1 @@
+"""Where requests come in: the Unix socket server, the HTTP front, metrics."""
