@@ -26,11 +26,11 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher import logs, systemd
 from dispatcher.config import Config, ConfigError, ProviderConfig, load_config, resolve_key
+from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.errors import Cancelled
 from dispatcher.http_front import HttpFront
 from dispatcher.journal import Journal
 from dispatcher.metrics import serve_metrics
-from dispatcher.policy import ProviderLimits
 from dispatcher.provider import ProviderActor
 from dispatcher.scheduler import Scheduler
 from dispatcher.server import Server
@@ -61,6 +61,7 @@ class Daemon:
         self.options = options
         self.scheduler = Scheduler(config)
         self.supervisor = Supervisor()
+        self.actors: dict[str, ProviderActor] = {}
         self.notifier = systemd.Notifier(options.environ)
         self.simulator: Simulator | None = None
         self.server: Server | None = None
@@ -109,7 +110,7 @@ class Daemon:
                 log.critical("daemon.giving_up", reason=str(group.exceptions[0]))
                 self.exit_code = EXIT_SOFTWARE
             finally:
-                for actor in self.scheduler.actors.values():
+                for actor in self.actors.values():
                     actor.close()
                 self.notifier.close()
         log.info("daemon.stopped", exit_code=self.exit_code)
@@ -164,7 +165,7 @@ class Daemon:
         self.scheduler.journal = journal
         await tg.start(journal.run)
         for uid, key, digest, job_id in await anyio.to_thread.run_sync(journal.keyed):
-            self.scheduler.keys[(uid, key)] = (digest, job_id)
+            self.scheduler.keys.bind(uid, key, digest, job_id)
         unfinished = await anyio.to_thread.run_sync(journal.unfinished)
         for stored in unfinished:
             self.scheduler.restore(stored)
@@ -229,6 +230,7 @@ class Daemon:
             limits.problem = problem or "disabled in the configuration"
             log.warning("provider.disabled", provider=name, problem=limits.problem)
         actor = ProviderActor(name, provider, key, limits, self.scheduler.on_outcome)
+        self.actors[name] = actor
         self.scheduler.add_provider(actor)
         await self._tg.start(
             self.supervisor.supervise, ChildSpec(name=name, child=actor, on_crash=actor.hand_back)
@@ -313,7 +315,7 @@ class Daemon:
                 continue
             provider = self._provider_config(name, provider)
             key, problem = self._key_for(name, provider)
-            actor = self.scheduler.actors[name]
+            actor = self.actors[name]
             actor.reconfigure(provider, key)
             actor.limits.apply(
                 provider, enabled=problem is None and provider.enabled, problem=problem

@@ -101,20 +101,17 @@ class InternalError(DispatcherError):
 
 # -- what one upstream attempt can go wrong with ----------------------------------------
 
+# What went wrong, as the retry rule in dispatcher.core.outcomes reads it.
 UpstreamKind = Literal[
-    "rate_limited",  # 429: wait (Retry-After) and retry
-    "server",  # 5xx: retry, count against the circuit
+    "rate_limited",  # 429
+    "server",  # 5xx
     "timeout",  # no answer in time
     "connect",  # refused, reset, DNS: the provider is unreachable
-    "auth",  # 401/403: the key is wrong; the provider is taken out
-    "rejected",  # 400/404/413/422: our request is wrong for it; never retried
+    "auth",  # 401/403: the key is wrong
+    "rejected",  # 400/404/413/422: our request is wrong for it
     "bad_answer",  # 200 with a body that is not an answer
-    "stream_broken",  # failed after chunks were forwarded: cannot retry
+    "stream_broken",  # failed after chunks were forwarded
 ]
-
-RETRYABLE_KINDS: frozenset[str] = frozenset(
-    {"rate_limited", "server", "timeout", "connect", "bad_answer"}
-)
 
 
 class UpstreamError(Exception):
@@ -133,15 +130,6 @@ class UpstreamError(Exception):
         self.detail = detail
         self.status = status
         self.retry_after_s = retry_after_s
-
-    @property
-    def retryable(self) -> bool:
-        return self.kind in RETRYABLE_KINDS
-
-    @property
-    def counts_against_provider(self) -> bool:
-        """Whether this failure says the provider is sick (circuit breaker input)."""
-        return self.kind in {"server", "timeout", "connect", "bad_answer"}
 
     def short(self) -> str:
         """A few words for the "tried X (why)" sentence."""

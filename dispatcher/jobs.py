@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import anyio
 import msgspec
 
+from dispatcher.core.admission import Admission, Kind
+from dispatcher.core.keys import request_digest
 from dispatcher.errors import DispatcherError, InternalError, UpstreamError
 from dispatcher.protocol import Chunk, Error, JobRequest, JobState, Result, error_reply
 
 ChunkSink = Callable[[Chunk], Awaitable[None]]
-Kind = Literal["chat", "embed"]
+DEFAULT_TIMEOUT_S = 600.0
 
 CLASS_RANK = {"realtime": 3, "complex": 2, "default": 1, "bulk": 0, "embed": 1}
 
@@ -60,6 +62,37 @@ class Job:
         return (
             f"<Job {self.id} {self.klass} {self.state} attempts {self.attempts} on {self.provider}>"
         )
+
+    @classmethod
+    def admitted(
+        cls,
+        request: JobRequest,
+        admission: Admission,
+        *,
+        client: str,
+        uid: int,
+        now: float,
+        job_id: str | None = None,
+    ) -> Job:
+        """A new job for an admitted request; ``job_id`` keeps a journaled job's id."""
+        return cls(
+            digest=request_digest(request) if request.key is not None else "",
+            id=job_id or uuid.uuid4().hex[:16],
+            request=request,
+            kind=admission.kind,
+            klass=admission.klass,
+            eligible=admission.eligible,
+            client=client,
+            uid=uid,
+            prompt_tokens=admission.prompt_tokens,
+            accepted_at=now,
+            deadline=now + (request.timeout_s or DEFAULT_TIMEOUT_S),
+            pick=admission.pick,
+        )
+
+    @property
+    def timeout_s(self) -> float:
+        return self.request.timeout_s or DEFAULT_TIMEOUT_S
 
     @property
     def priority(self) -> tuple[int, int]:

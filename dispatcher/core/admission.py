@@ -1,0 +1,118 @@
+"""Admission: whether the daemon takes a job now, and what it is (class, size, providers).
+
+:func:`admit` is the one gate every new job passes, whichever front it came
+through; :func:`route` is the path of a replayed job, which an earlier run
+already accepted and which the caps must never refuse now; :func:`describe`
+only sizes a request (a finished job rebuilt from the journal).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from dispatcher.config import Config
+from dispatcher.core.classify import check_quota, classify_chat, classify_embed, weighted_pick
+from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.errors import Overloaded
+from dispatcher.protocol import EmbedRequest, JobRequest
+from dispatcher.tokens import estimate_messages, estimate_text
+
+Kind = Literal["chat", "embed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a job is: its kind, class, estimated prompt tokens and the providers it may use."""
+
+    kind: Kind
+    klass: str
+    prompt_tokens: int
+    eligible: tuple[str, ...] = ()
+    pick: str | None = None  # strategy = "weighted": the provider drawn for it
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """How full the daemon is when a job arrives."""
+
+    accepting: bool
+    jobs: int  # jobs accepted and not finished
+    queued_bytes: int
+    drain_estimate_s: float  # a retry-after hint: how long the queue takes to drain
+
+
+def admit(
+    request: JobRequest,
+    *,
+    size: int,
+    room: Room,
+    config: Config,
+    limits: Mapping[str, ProviderLimits],
+    now: float,
+    rng: random.Random,
+) -> Admission:
+    """The job as the daemon will hold it, or the error that says why it is refused."""
+    check_room(size, room, config)
+    return route(request, config=config, limits=limits, now=now, rng=rng)
+
+
+def check_room(size: int, room: Room, config: Config) -> None:
+    """Overloaded, with a hint when to retry, past the caps on jobs and bytes."""
+    if not room.accepting:
+        raise Overloaded("the daemon is shutting down; try again in a moment", retry_after_s=5)
+    daemon = config.daemon
+    if room.jobs >= daemon.max_queued:
+        raise Overloaded(
+            f"{room.jobs:,} jobs are already waiting (max_queued); "
+            "retry later or raise daemon.max_queued",
+            retry_after_s=room.drain_estimate_s,
+        )
+    if size and room.queued_bytes + size > daemon.max_queued_bytes:
+        raise Overloaded(
+            f"the queued jobs already hold {room.queued_bytes:,} bytes (max_queued_bytes); "
+            "retry later or send smaller requests",
+            retry_after_s=room.drain_estimate_s,
+        )
+
+
+def route(
+    request: JobRequest,
+    *,
+    config: Config,
+    limits: Mapping[str, ProviderLimits],
+    now: float,
+    rng: random.Random,
+) -> Admission:
+    """Classify the job and pick the providers it may use; no cap is checked."""
+    if isinstance(request, EmbedRequest):
+        described = describe(request)
+        eligible = classify_embed(request.providers, config, limits)
+        check_quota(eligible, limits, described.prompt_tokens, now)
+        return Admission("embed", "embed", described.prompt_tokens, eligible)
+    tokens = estimate_messages(request.messages)
+    klass, eligible = classify_chat(
+        task=request.task,
+        thinking=request.thinking,
+        pins=request.providers,
+        prompt_tokens=tokens,
+        max_tokens=request.max_tokens,
+        config=config,
+        limits=limits,
+    )
+    pick = None
+    policy = config.classes.get(klass)
+    if policy is not None and policy.strategy == "weighted" and not request.providers:
+        pick = weighted_pick(policy, eligible, rng)
+    check_quota(eligible, limits, tokens, now)
+    return Admission("chat", klass, tokens, eligible, pick)
+
+
+def describe(request: JobRequest) -> Admission:
+    """Kind, class and size alone, with no routing (a job that will not run again)."""
+    if isinstance(request, EmbedRequest):
+        inputs = [request.input] if isinstance(request.input, str) else request.input
+        return Admission("embed", "embed", sum(estimate_text(text) for text in inputs))
+    return Admission("chat", request.task or "default", estimate_messages(request.messages))

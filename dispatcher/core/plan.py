@@ -1,0 +1,171 @@
+"""Planning: which queued jobs start now, and where.
+
+Planning is earliest-expected-completion: jobs are taken in priority and
+fairness order, and each goes, on paper, to the eligible provider where it
+would finish first given that provider's free slots, tokens (returning 60 s
+after use), Retry-After block, circuit and observed latency. Only the jobs whose
+best start is *now* are sent; the rest stay queued in the daemon. So every
+provider is kept busy up to its limits, and a slow provider takes a job only
+when the fast ones could not finish it sooner.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dispatcher.core.provider_state import ProviderLimits
+
+if TYPE_CHECKING:
+    from dispatcher.jobs import Job
+
+EPSILON = 1e-6
+EXPIRY_SCAN = 64  # queued jobs checked for a hopeless deadline when nothing can start
+
+
+@dataclass(slots=True)
+class Plan:
+    assign: list[tuple[Job, str]] = field(default_factory=list)
+    expired: list[Job] = field(default_factory=list)  # cannot start before their deadline
+    wake_at: float | None = None  # replan then even if nothing happens
+
+
+class _Paper:
+    """A provider's future on paper: when its slots and tokens free up."""
+
+    __slots__ = ("blocked", "latency", "limits", "slots", "tokens")
+
+    def __init__(self, limits: ProviderLimits, now: float) -> None:
+        self.limits = limits
+        self.latency = limits.latency_s
+        self.blocked = limits.blocked_until
+        usable = limits.usable_slots(now)
+        reopen = limits.circuit.reopens_at()
+        if usable == 0 and reopen is not None:
+            usable, self.blocked = 1, max(self.blocked, reopen)
+        # An attempt past its expected end is assumed to need as long again as it has run
+        # (at least a quarter of a service time): a hanging provider must not look almost free.
+        ends = sorted(
+            max(start + self.latency, now + max(0.25 * self.latency, now - start))
+            for start in limits.running.values()
+        )
+        free = max(0, usable - len(ends))
+        self.slots = [now] * free + ends[: max(0, usable - free)]
+        heapq.heapify(self.slots)
+        self.tokens: list[float] | None = None
+        bucket = limits.bucket
+        if bucket.rpm:
+            ready = bucket.available(now)
+            returning = bucket.return_times(now)
+            first = bucket.next_free(now)  # later than now only under burst pacing
+            self.tokens = [first] * min(ready, 1024) + [max(first, t) for t in returning]
+            heapq.heapify(self.tokens)
+
+    def start(self, now: float) -> float:
+        if not self.slots:
+            return math.inf
+        at = max(now, self.slots[0], self.blocked)
+        if self.tokens is not None:
+            at = max(at, self.tokens[0]) if self.tokens else math.inf
+        return at
+
+    def commit(self, at: float) -> None:
+        heapq.heapreplace(self.slots, at + self.latency)
+        if self.tokens is not None and self.tokens:
+            heapq.heapreplace(self.tokens, at + self.limits.bucket.window_s)
+
+
+def plan(
+    jobs: Iterable[Job],
+    limits: Mapping[str, ProviderLimits],
+    now: float,
+    *,
+    per_provider: int,
+    retry_budget: int | None = None,
+    wanted: Collection[str] | None = None,
+    expiry_scan: int = EXPIRY_SCAN,
+    max_scan: int = 4096,
+) -> Plan:
+    """Decide which queued jobs start now and where.
+
+    ``jobs`` must come in the order they should be served (priority, then fair
+    share). Stops as soon as no provider can start anything now, so a deep
+    queue costs nothing while every provider is busy. ``retry_budget`` caps how
+    many jobs that already had an attempt may start now (None: no cap), so a
+    failing provider cannot multiply the load on the others. ``wanted`` names the
+    providers some queued job may use: an idle provider nobody can use (the
+    embeddings one during chat work) must not make every call read the queue.
+    ``expiry_scan`` is how many jobs to check for a hopeless deadline when
+    nothing can start (0: none; the deadline heap enforces deadlines anyway).
+    """
+    result = Plan()
+    startable = {
+        name: free
+        for name, p in limits.items()
+        if (wanted is None or name in wanted) and (free := p.free_now(now))
+    }
+    wake = _next_change(limits, now)
+    # With nothing startable only the head of the queue is read, to fail fast the
+    # jobs that cannot start before their deadline; a deep queue costs nothing then.
+    limit = max_scan if startable else expiry_scan
+    paper: dict[str, _Paper] = {}
+    for scanned, job in enumerate(jobs):
+        if scanned >= limit:
+            break
+        if not startable:
+            limit = min(limit, scanned + expiry_scan)
+            if job.deadline is None:
+                continue
+        is_retry = job.attempts > 0
+        if is_retry and retry_budget is not None and retry_budget <= 0:
+            continue
+        best_name, best_at, best_end = None, math.inf, math.inf
+        for name in job.candidates(per_provider):
+            state = limits.get(name)
+            if state is None or not state.enabled or not state.fits_today(job.prompt_tokens, now):
+                continue
+            sheet = paper.get(name)
+            if sheet is None:
+                sheet = paper[name] = _Paper(state, now)
+            at = max(sheet.start(now), job.holds.get(name, now))
+            end = at + sheet.latency
+            if end < best_end - EPSILON:
+                best_name, best_at, best_end = name, at, end
+        if best_name is None:
+            continue  # nothing can ever take it now; the scheduler fails it on its own check
+        if job.deadline is not None and best_at > job.deadline:
+            result.expired.append(job)
+            continue
+        hold = job.holds.get(best_name)
+        if hold is not None and hold > now:
+            wake = hold if wake is None else min(wake, hold)
+        paper[best_name].commit(best_at)
+        if best_at <= now + EPSILON and best_name in startable:
+            result.assign.append((job, best_name))
+            if is_retry and retry_budget is not None:
+                retry_budget -= 1
+            startable[best_name] -= 1
+            if not startable[best_name]:
+                del startable[best_name]
+    result.wake_at = wake
+    return result
+
+
+def _next_change(limits: Mapping[str, ProviderLimits], now: float) -> float | None:
+    """When a provider with a free slot next gets a token, its block lifts or its circuit reopens."""
+    times: list[float] = []
+    for state in limits.values():
+        if not state.enabled:
+            continue
+        reopen = state.circuit.reopens_at()
+        if reopen is not None:
+            times.append(reopen)
+            continue
+        if state.in_flight < state.usable_slots(now):
+            at = max(state.blocked_until, state.bucket.next_free(now))
+            if at > now:
+                times.append(at)
+    return min(times) if times else None

@@ -1,0 +1,62 @@
+"""Sending hedged copies of slow jobs, and calling off the copy once the race is decided."""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dispatcher.core import hedging
+from dispatcher.errors import Cancelled
+from dispatcher.jobs import Job
+
+if TYPE_CHECKING:
+    from dispatcher.scheduler.loop import Scheduler
+
+log = structlog.get_logger("dispatcher.scheduler")
+
+
+def send_due(scheduler: Scheduler, now: float) -> None:
+    """Send a second copy of slow hedgeable jobs to another provider, within budget."""
+    heap = scheduler.hedge_at
+    while heap and heap[0][0] <= now:
+        _, _, job = heapq.heappop(heap)
+        others = hedging.hedge_targets(
+            job,
+            scheduler.limits,
+            now,
+            per_provider=scheduler.config.retry.per_provider,
+            hedges_sent=scheduler.hedges_sent,
+            attempts_sent=scheduler.attempts_sent,
+        )
+        if not others:
+            continue
+        copy = Job(
+            id=f"{job.id}-hedge",
+            request=job.request,
+            kind=job.kind,
+            klass=job.klass,
+            eligible=others,
+            client=job.client,
+            uid=job.uid,
+            prompt_tokens=job.prompt_tokens,
+            accepted_at=now,
+            deadline=job.deadline,
+            hedge_of=job,
+        )
+        job.hedge = copy
+        scheduler.hedges_sent += 1
+        scheduler.queue.push(copy, front=True)
+        log.info("job.hedged", job=job.id, slow=job.provider, others=list(others))
+
+
+def call_off(scheduler: Scheduler, job: Job) -> None:
+    """The original finished (it won, or gave up): its copy has nothing left to race for."""
+    copy = job.hedge
+    if copy is None or copy.outcome is not None:
+        return
+    copy.stop = Cancelled("the hedged job finished")
+    copy.finish(copy.stop)
+    if not scheduler.queue.remove(copy) and copy.provider is not None:
+        scheduler.actors[copy.provider].cancel(copy.id)

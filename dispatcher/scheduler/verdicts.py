@@ -1,0 +1,121 @@
+"""Carrying out what an attempt's outcome means: the shell around :func:`outcomes.judge`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dispatcher.core import outcomes
+from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.errors import Cancelled, NoProvider, UpstreamError
+from dispatcher.jobs import Job
+from dispatcher.provider import Answer, Outcome
+from dispatcher.scheduler import results
+
+if TYPE_CHECKING:
+    from dispatcher.scheduler.loop import Scheduler
+
+log = structlog.get_logger("dispatcher.scheduler")
+
+
+def after_outcome(
+    scheduler: Scheduler, job: Job, provider: str, outcome: Outcome, now: float, started: float
+) -> None:
+    """Tell the observers, judge the outcome and carry out the verdict."""
+    limits = scheduler.limits[provider]
+    if isinstance(outcome, Answer):
+        for observer in scheduler.observers:
+            observer.on_attempt(provider, "ok", outcome.latency_s)
+    elif outcome is not None:
+        for observer in scheduler.observers:
+            observer.on_attempt(provider, outcome.kind, max(0.0, now - started))
+        if outcome.kind == "timeout":
+            limits.observe_latency(now - started)  # slowness the planner must see
+    if job.hedge_of is not None:
+        _on_copy_outcome(scheduler, job, provider, limits, outcome, now)
+        return
+    if job.outcome is not None:
+        return  # the race was won by its hedge; this attempt was cancelled
+    was_open = limits.circuit.state == "open"
+    verdict = outcomes.judge(
+        job, provider, limits, outcome, now, scheduler.config.retry, scheduler.rng
+    )
+    if isinstance(outcome, UpstreamError):
+        if not was_open and limits.circuit.state == "open":
+            log.warning("circuit.open", provider=provider, reason=outcome.short())
+        log.info(
+            "attempt.failed",
+            job=job.id,
+            provider=provider,
+            kind=outcome.kind,
+            reason=outcome.short(),
+        )
+    if isinstance(verdict, outcomes.Disable):
+        disable(scheduler, provider, verdict.problem)
+        verdict = verdict.then
+    match verdict:
+        case outcomes.Success():
+            assert isinstance(outcome, Answer)
+            if limits.daily is not None:  # the real count replaces the estimate
+                limits.daily.spend(now, outcome.answer.usage.total_tokens - job.prompt_tokens)
+            result = results.build(job, provider, limits, outcome, now)
+            if job.cache_key is not None:
+                scheduler.cache.put(job.cache_key, result)
+            scheduler.finish(job, result)
+        case outcomes.Requeue():
+            scheduler.requeue(job)
+        case outcomes.Final(error):
+            scheduler.finish(job, error)
+
+
+def _on_copy_outcome(
+    scheduler: Scheduler,
+    copy: Job,
+    provider: str,
+    limits: ProviderLimits,
+    outcome: Outcome,
+    now: float,
+) -> None:
+    """A hedged copy ended: its answer wins the race if the original has none yet.
+
+    A failed copy is dropped quietly: the original is still running and keeps
+    its own retries; the copy was only ever a bet on speed.
+    """
+    original = copy.hedge_of
+    assert original is not None
+    copy.finish(Cancelled("hedge finished"))
+    if isinstance(outcome, Answer):
+        outcomes.record_success(limits, outcome, now)
+        if original.outcome is None:
+            original.attempts += 1
+            scheduler.finish(original, results.build(original, provider, limits, outcome, now))
+            if original.provider is not None:
+                scheduler.actors[original.provider].cancel(original.id)
+    elif outcome is not None:
+        limits.failed += 1
+        limits.rate_limited += outcome.kind == "rate_limited"
+
+
+def disable(scheduler: Scheduler, provider: str, problem: str) -> None:
+    """Take a provider out and fail the queued jobs no other provider can take."""
+    limits = scheduler.limits[provider]
+    if limits.enabled:
+        limits.enabled, limits.problem = False, problem
+        log.error("provider.disabled", provider=provider, problem=problem)
+    fail_stranded(scheduler, f"{provider}: {problem}")
+
+
+def fail_stranded(scheduler: Scheduler, why: str) -> None:
+    per_provider = scheduler.config.retry.per_provider
+    stranded = [
+        job
+        for job in scheduler.queue
+        if not any(
+            name in scheduler.limits and scheduler.limits[name].enabled
+            for name in job.candidates(per_provider)
+        )
+    ]
+    for job in stranded:
+        scheduler.queue.remove(job)
+        scheduler.finish(job, NoProvider(f"no provider is left for this job ({why})"))

@@ -1,0 +1,200 @@
+"""The scheduler shell on its own: an injected clock, fake provider handles, no HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import pytest
+
+from dispatcher.adapters import ChatAnswer
+from dispatcher.config import Config, parse_config
+from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.errors import InternalError, NoProvider, UpstreamError, UpstreamFailed
+from dispatcher.jobs import Job
+from dispatcher.protocol import ChatRequest, Result, Usage
+from dispatcher.provider import Answer
+from dispatcher.scheduler import Scheduler
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakeHandle:
+    """A provider actor that records what it is handed and runs nothing."""
+
+    name: str
+    limits: ProviderLimits
+    delivered: list[Job] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+    def deliver(self, job: Job) -> bool:
+        self.delivered.append(job)
+        return True
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+
+
+def _config(**concurrency: int) -> Config:
+    providers = {
+        name: {"url": f"http://127.0.0.1:1/{name}", "model": f"m-{name}", "concurrency": slots}
+        for name, slots in concurrency.items()
+    }
+    return parse_config(
+        {
+            "providers": providers,
+            "classes": {"default": {"providers": list(concurrency)}},
+            "retry": {"backoff_base_s": 1.0, "backoff_max_s": 1.0},
+        }
+    )
+
+
+def _scheduler(config: Config, clock: FakeClock) -> tuple[Scheduler, dict[str, FakeHandle]]:
+    scheduler = Scheduler(config, clock=clock)
+    handles = {}
+    for name, provider in config.providers.items():
+        handle = FakeHandle(name, ProviderLimits.from_config(name, provider))
+        scheduler.add_provider(handle)
+        handles[name] = handle
+    return scheduler, handles
+
+
+def _request(n: int, **fields: object) -> ChatRequest:
+    return ChatRequest(
+        id=f"r{n}", messages=[{"role": "user", "content": f"question {n}"}], **fields
+    )
+
+
+def _answer(text: str = "ok") -> Answer:
+    return Answer(
+        ChatAnswer(content=text, reasoning=None, usage=Usage(), model=None, finish_reason="stop"),
+        latency_s=0.5,
+        ratelimit=None,
+    )
+
+
+@asynccontextmanager
+async def _running(scheduler: Scheduler) -> AsyncIterator[None]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(scheduler.run)
+        yield
+        tg.cancel_scope.cancel()
+
+
+async def test_a_freed_slot_is_filled_at_once() -> None:
+    """With one slot, the second job is handed over the moment the first reports back."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=1), clock)
+    first = scheduler.submit(_request(1), client="c")
+    second = scheduler.submit(_request(2), client="c")
+    assert handles["a"].delivered == [first]
+    clock.advance(0.5)
+    scheduler.on_outcome(first, "a", _answer("one"))
+    assert handles["a"].delivered == [first, second]
+    assert isinstance(first.outcome, Result)
+    assert first.outcome.content == "one"
+    assert first.outcome.latency_ms == 500.0
+
+
+async def test_retry_after_holds_the_retry_until_the_clock_passes_it() -> None:
+    """A 429 with Retry-After 10 s: the retry is handed over only once the clock passes it."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=1), clock)
+    job = scheduler.submit(_request(1), client="c")
+    scheduler.on_outcome(
+        job, "a", UpstreamError("rate_limited", "slow down", status=429, retry_after_s=10.0)
+    )
+    assert handles["a"].delivered == [job]
+    assert job.state == "retrying"
+    async with _running(scheduler):
+        clock.advance(9.0)
+        scheduler.poke()
+        await anyio.wait_all_tasks_blocked()
+        assert handles["a"].delivered == [job]
+        clock.advance(1.5)
+        scheduler.poke()
+        await anyio.wait_all_tasks_blocked()
+        assert handles["a"].delivered == [job, job]
+    assert job.attempts == 2
+
+
+async def test_a_deadline_answers_a_job_no_provider_started() -> None:
+    """A job stuck behind a busy slot times out by its deadline on the injected clock."""
+    clock = FakeClock()
+    scheduler, _ = _scheduler(_config(a=1), clock)
+    scheduler.submit(_request(1), client="c")
+    stuck = scheduler.submit(_request(2, timeout_s=5.0), client="c")
+    async with _running(scheduler):
+        clock.advance(6.0)
+        scheduler.poke()
+        with anyio.fail_after(2):
+            await stuck.done.wait()
+    assert stuck.outcome is not None
+    assert getattr(stuck.outcome, "code", None) == "timeout"
+
+
+async def test_an_actor_that_keeps_dying_fails_the_job_once() -> None:
+    """A job handed back by crashing actors three times gets one internal error, not a loop."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=1), clock)
+    job = scheduler.submit(_request(1), client="c")
+    for _ in range(3):
+        scheduler.on_outcome(job, "a", None)
+    assert isinstance(job.outcome, InternalError)
+    assert "crashed 3 times" in job.outcome.message
+    assert len(handles["a"].delivered) == 3
+    assert scheduler.active == {}
+
+
+async def test_a_refused_key_disables_the_provider_and_falls_back() -> None:
+    """A 401 takes the provider out, and the job goes to the next one in its class."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=1, b=1), clock)
+    job = scheduler.submit(_request(1, providers=["a", "b"]), client="c")
+    waiting = scheduler.submit(_request(2, providers=["a"]), client="c")
+    assert handles["a"].delivered == [job]
+    scheduler.on_outcome(job, "a", UpstreamError("auth", "bad key", status=401))
+    assert not scheduler.limits["a"].enabled
+    assert handles["b"].delivered == [job]
+    assert isinstance(waiting.outcome, NoProvider)
+    scheduler.on_outcome(job, "b", _answer())
+    assert isinstance(job.outcome, Result)
+    assert job.outcome.provider == "b"
+
+
+async def test_a_rejected_request_is_never_sent_twice_to_one_provider() -> None:
+    """A 400 from the only provider is final at once: no resend of a request it refused."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=2), clock)
+    job = scheduler.submit(_request(1), client="c")
+    scheduler.on_outcome(job, "a", UpstreamError("rejected", "bad field", status=400))
+    assert isinstance(job.outcome, UpstreamFailed)
+    assert handles["a"].delivered == [job]
+
+
+async def test_a_stream_handed_back_midway_is_not_sent_twice() -> None:
+    """An actor that dies after chunks reached the client ends the job: no second stream."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=1), clock)
+    job = scheduler.submit(_request(1, stream=True), client="c")
+    job.streamed = True  # a chunk went out before the actor died
+    scheduler.on_outcome(job, "a", None)
+    assert isinstance(job.outcome, UpstreamFailed)
+    assert "broke the stream" in job.outcome.message
+    assert handles["a"].delivered == [job]
