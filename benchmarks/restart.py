@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/restart.py --jobs 10000
 
-Writes a journal holding N unfinished detached, keyed jobs (through
-:class:`dispatcher.journal.Journal`, as a daemon would), then starts a daemon on
+Writes a journal holding N unfinished detached, keyed jobs (with
+:func:`dispatcher.testing.journal_fill.write_unfinished`, through
+:class:`dispatcher.journal.Journal` as a daemon would), then starts a daemon on
 it, several times, each on a fresh copy of that journal:
 
 * ``process``: ``python -m dispatcher serve`` as a subprocess, timed from the
@@ -36,52 +37,11 @@ from dispatcher import logs
 from dispatcher.app import Daemon, Options
 from dispatcher.client import answers_ping
 from dispatcher.config import Config, parse_config
-from dispatcher.jobs import Job
-from dispatcher.journal import Journal, request_digest
-from dispatcher.protocol import ChatRequest
 from dispatcher.simulator import Behaviour, FakeProvider
+from dispatcher.testing.journal_fill import write_unfinished
 
 KEY_ENV = "RESTART_BENCH_KEY"
 READY_TIMEOUT_S = 60.0
-
-
-def unfinished_job(i: int, *, uid: int = 0) -> Job:
-    """The ``i``-th of the journaled jobs: detached, keyed ``restart-<i>``, never started."""
-    request = ChatRequest(
-        id=f"r{i}",
-        messages=[{"role": "user", "content": f"replayed job {i}"}],
-        task="bulk",
-        key=f"restart-{i}",
-        detach=True,
-    )
-    return Job(
-        id=f"job{i:08d}",
-        request=request,
-        kind="chat",
-        klass="bulk",
-        eligible=(),
-        client=f"{uid}:bench",
-        uid=uid,
-        prompt_tokens=8,
-        accepted_at=0.0,
-        durable=True,
-        digest=request_digest(request),
-    )
-
-
-async def write_unfinished(path: Path, jobs: int) -> None:
-    """A journal at ``path`` holding ``jobs`` accepted jobs without an answer."""
-    journal = Journal(path)
-    await anyio.to_thread.run_sync(journal.open)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(journal.run)
-            async with anyio.create_task_group() as writers:
-                for i in range(jobs):
-                    writers.start_soon(journal.accept, unfinished_job(i))
-            tg.cancel_scope.cancel()
-    finally:
-        journal.close()
 
 
 def config_for(fake: FakeProvider, state_dir: Path, **daemon: object) -> dict[str, object]:

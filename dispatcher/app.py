@@ -34,7 +34,7 @@ from dispatcher.metrics import serve_metrics
 from dispatcher.provider import ProviderActor
 from dispatcher.scheduler import Scheduler
 from dispatcher.server import Server
-from dispatcher.simulator import SEED_BEHAVIOURS, Behaviour, Simulator
+from dispatcher.simulator import SEED_BEHAVIOURS, Behaviour, Simulator, behaviour_from_config
 from dispatcher.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
 
 log = structlog.get_logger("dispatcher.app")
@@ -177,16 +177,7 @@ class Daemon:
     def _make_simulator(self) -> Simulator:
         behaviours: dict[str, Behaviour] = {}
         for name, provider in self.config.providers.items():
-            seed = SEED_BEHAVIOURS.get(name)
-            base = seed or Behaviour(
-                name=name,
-                kind=provider.kind,
-                model=provider.model,
-                latency_s=provider.latency_s,
-                concurrency=provider.concurrency,
-                rpm=provider.rpm,
-                thinking=provider.thinking,
-            )
+            base = SEED_BEHAVIOURS.get(name) or behaviour_from_config(name, provider)
             behaviours[name] = msgspec.structs.replace(base, name=name, jitter=0.05)
         return Simulator(
             time_scale=self.options.time_scale, behaviours=behaviours, api_key=self._sim_key

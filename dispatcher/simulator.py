@@ -7,7 +7,9 @@ limits (concurrency, requests per sliding window, tokens per day) by answering 4
 with ``Retry-After``. Tests script faults (an error status, a hang, a reset, a stream
 cut short, extra latency) or draw them at seeded random rates. :class:`Simulator`
 runs the five SEED providers at once, latencies multiplied by a time scale; it backs
-``dispatcher serve --simulate`` and the benchmarks.
+``dispatcher serve --simulate`` and the benchmarks. Their behaviours,
+:data:`SEED_BEHAVIOURS`, derive from the config's built-in table
+(:data:`dispatcher.config.BUILTIN_PROVIDERS`), so the two cannot drift apart.
 
 Order of checks for every request: method and path (405/404), auth (401), body (400),
 scripted fault, else down, else random fault, then concurrency (429), requests per
@@ -30,6 +32,7 @@ import random
 import re
 import struct
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -39,14 +42,21 @@ import anyio
 import msgspec
 from aiohttp import web
 
+from dispatcher.config import BUILTIN_PROVIDERS, ProviderConfig
+
 __all__ = [
     "SEED_BEHAVIOURS",
+    "SEED_JITTER",
+    "SEED_OVERRIDES",
+    "SEED_RANDOM_SEEDS",
     "Behaviour",
     "FakeProvider",
     "Fault",
     "ProviderStats",
     "Simulator",
+    "behaviour_from_config",
     "estimate_tokens",
+    "seed_behaviours",
 ]
 
 KEEP_LAST: Final = 1000
@@ -749,59 +759,64 @@ class FakeProvider:
 
 
 # ---------------------------------------------------------------------------
-# The five providers of SEED.md
+# The five providers of SEED.md, derived from the config's built-in table
 
 
-SEED_BEHAVIOURS: Final[dict[str, Behaviour]] = {
-    "zhipu": Behaviour(
-        name="zhipu",
-        model="glm-4-flash",
-        latency_s=1.03,
-        jitter=0.1,
-        concurrency=1,
-        thinking=True,
-        seed=1,
-    ),
-    "hunyuan": Behaviour(
-        name="hunyuan",
-        model="hunyuan-lite",
-        latency_s=1.20,
-        jitter=0.1,
-        concurrency=5,
-        seed=2,
-    ),
-    "nvidia1": Behaviour(
-        name="nvidia1",
-        model="z-ai/glm4.7",
-        latency_s=7.17,
-        jitter=0.1,
-        concurrency=5,
-        rpm=40,
-        thinking=True,
-        seed=3,
-    ),
-    "nvidia2": Behaviour(
-        name="nvidia2",
-        model="z-ai/glm4.7",
-        latency_s=2.68,
-        jitter=0.1,
-        concurrency=5,
-        rpm=40,
-        thinking=True,
-        seed=4,
-    ),
-    "siliconflow": Behaviour(
-        name="siliconflow",
-        kind="embed",
-        model="BAAI/bge-large-zh-v1.5",
-        latency_s=0.10,
-        jitter=0.1,
-        rpm=5,
-        daily_tokens=500_000,
-        embed_dims=1024,
-        seed=5,
-    ),
+def behaviour_from_config(name: str, provider: ProviderConfig) -> Behaviour:
+    """A fake that keeps the promises ``provider``'s config makes: model, kind, latency, limits."""
+    return Behaviour(
+        name=name,
+        kind=provider.kind,
+        model=provider.model,
+        latency_s=provider.latency_s,
+        concurrency=provider.concurrency,
+        rpm=provider.rpm,
+        daily_tokens=provider.daily_tokens,
+        thinking=provider.thinking,
+    )
+
+
+SEED_JITTER: Final = 0.1
+"""The seed fakes' relative latency jitter (+-10 %); the config has no such field."""
+
+SEED_RANDOM_SEEDS: Final[Mapping[str, int]] = {
+    "zhipu": 1,
+    "hunyuan": 2,
+    "nvidia1": 3,
+    "nvidia2": 4,
+    "siliconflow": 5,
 }
+"""Each seed fake's random seed, fixed per provider so ``dispatcher bench`` repeats."""
+
+SEED_OVERRIDES: Final[Mapping[str, Mapping[str, Any]]] = {
+    # SiliconFlow publishes no concurrency limit, only rpm and daily tokens: the
+    # config's concurrency = 5 is the daemon's own cap, the fake enforces none.
+    "siliconflow": {"concurrency": 0},
+}
+"""Where a seed fake deliberately differs from its provider's built-in config entry.
+
+Not overrides but worth knowing: zhipu and hunyuan publish no rpm, and the config's
+``rpm = 0`` (no cap) gives their fakes none either; every fake keeps the default
+60 s window, and siliconflow's bge-large-zh-v1.5 answers the default 1024 dimensions.
+"""
+
+
+def seed_behaviours(
+    providers: Mapping[str, ProviderConfig] = BUILTIN_PROVIDERS,
+) -> dict[str, Behaviour]:
+    """The seed fakes at time scale 1: one per provider of ``providers``, plus the overrides."""
+    behaviours: dict[str, Behaviour] = {}
+    for name, provider in providers.items():
+        behaviour = msgspec.structs.replace(
+            behaviour_from_config(name, provider),
+            jitter=SEED_JITTER,
+            seed=SEED_RANDOM_SEEDS.get(name, zlib.crc32(name.encode())),
+        )
+        behaviours[name] = msgspec.structs.replace(behaviour, **SEED_OVERRIDES.get(name, {}))
+    return behaviours
+
+
+SEED_BEHAVIOURS: Final[dict[str, Behaviour]] = seed_behaviours()
 """The SEED.md providers at time scale 1 (RPM windows are always 60 s)."""
 
 

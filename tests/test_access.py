@@ -33,7 +33,7 @@ from aiohttp import web
 
 from dispatcher.protocol import Accepted, Result
 from dispatcher.simulator import Behaviour, Fault
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,7 @@ import anyio
 import pytest
 
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, chat, fakes, provider_entry
-from tests.test_protocol import REPLY_WAIT_S, wire
+from tests.helpers import REPLY_WAIT_S, build_config, chat, fakes, provider_entry, wire
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from dispatcher.batch import line_key, parse_line, run_batch
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, fakes, provider_entry
+from tests.helpers import build_config, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 

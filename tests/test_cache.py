@@ -9,7 +9,7 @@ import pytest
 from dispatcher.cache import ResponseCache, cache_key
 from dispatcher.protocol import ChatRequest, Error, Result
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 

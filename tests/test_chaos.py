@@ -1,4 +1,4 @@
-"""Nothing lost under SIGKILL: the chaos run of benchmarks/chaos.py, small enough for CI.
+"""Nothing lost under SIGKILL: the chaos run of dispatcher.tools.chaos, small enough for CI.
 
 A real ``python -m dispatcher serve`` subprocess on a journal in tmp_path, fake
 providers in this process, keyed detached jobs from several clients, and the
@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.chaos import ChaosConfig, run_chaos
+from dispatcher.tools.chaos import ChaosConfig, run_chaos
+from tests.helpers import uvloop_only
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+# The daemon under test is a subprocess that always runs uvloop; only the harness would
+# change loop, so the slow run (about 5 s) goes on the production loop only.
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60), uvloop_only]
 
 
 async def test_every_job_is_answered_exactly_once_across_sigkills(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from dispatcher import config as config_module
 from dispatcher.config import ConfigError, ProviderConfig, load_config, resolve_key
 from dispatcher.protocol import Error, Result, Status
 from dispatcher.simulator import Behaviour
-from tests.conftest import TEST_KEY, build_config, chat, fakes, provider_entry
+from tests.helpers import TEST_KEY, build_config, chat, fakes, provider_entry
 
 MINIMAL_PROVIDER = """
 [providers.alpha]

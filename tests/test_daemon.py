@@ -9,7 +9,7 @@ import pytest
 
 from dispatcher.protocol import Accepted, Chunk, Error, Health, Pong, Result, Status
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 

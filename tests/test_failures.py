@@ -14,8 +14,7 @@ from dispatcher.errors import UpstreamError
 from dispatcher.jobs import Job
 from dispatcher.protocol import ChatRequest, Error, Result, Status
 from dispatcher.simulator import Behaviour, Fault
-from tests.conftest import build_config, chat, fakes, provider_entry
-from tests.test_protocol import REPLY_WAIT_S, wire
+from tests.helpers import REPLY_WAIT_S, build_config, chat, fakes, provider_entry, wire
 
 RETRY_AFTER_S = 0.4
 

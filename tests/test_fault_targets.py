@@ -19,7 +19,7 @@ from dispatcher.client import Client
 from dispatcher.config import Config
 from dispatcher.protocol import Chunk, Error, Reply, Result, Status
 from dispatcher.simulator import KEEP_LAST, Behaviour, FakeProvider, Fault
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry, uvloop_only
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -88,6 +88,8 @@ FLAKY_RETRY_AFTER_S = 0.2
 IN_FLIGHT_GRACE_S = 0.03  # requests already sent when the 429 was answered may still arrive
 
 
+# A 12 s scenario whose subject is the retry rule, not the loop: the production loop only.
+@uvloop_only
 @pytest.mark.anyio
 async def test_flaky_provider_retries_within_budget_and_honours_retry_after(
     start_daemon: Any,

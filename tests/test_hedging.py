@@ -10,7 +10,7 @@ import pytest
 
 from dispatcher.protocol import Result
 from dispatcher.simulator import Behaviour, Fault
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry
 
 
 @pytest.mark.anyio

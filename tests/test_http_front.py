@@ -17,7 +17,7 @@ from openai import AsyncOpenAI
 from dispatcher.config import HttpConfig, parse_listen
 from dispatcher.http_front import HttpFront
 from dispatcher.simulator import Behaviour, Fault
-from tests.conftest import Running, build_config, fakes, provider_entry
+from tests.helpers import Running, build_config, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from dispatcher.jobs import Job
 from dispatcher.journal import Journal, request_digest
 from dispatcher.protocol import Accepted, ChatRequest, Error, Pending, Result
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from dispatcher import logs
 from dispatcher.protocol import Error, Result
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry
 
 # Not key-shaped on purpose: only the daemon's knowledge of its own keys can hide it.
 CANARY = "canaryQ7w9Zr2Lm4Xp8Kd3Vn"

@@ -17,7 +17,7 @@ from dispatcher.config import MetricsConfig
 from dispatcher.metrics import Metrics, serve_metrics
 from dispatcher.protocol import ChatRequest
 from dispatcher.simulator import Behaviour, Fault
-from tests.conftest import Running, build_config, chat, fakes, provider_entry
+from tests.helpers import Running, build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 

@@ -6,73 +6,16 @@ import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import SocketStream
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import REPLY_WAIT_S, build_config, chat, fakes, provider_entry, wire
 
 pytestmark = pytest.mark.anyio
-
-REPLY_WAIT_S = 5.0
-
-
-class Wire:
-    """One raw connection: write any bytes, read reply lines as dicts."""
-
-    def __init__(self, stream: SocketStream) -> None:
-        self.stream = stream
-        self.reader = BufferedByteReceiveStream(stream)
-
-    async def send_raw(self, data: bytes) -> None:
-        await self.stream.send(data)
-
-    async def send(self, payload: dict[str, Any]) -> None:
-        await self.stream.send(json.dumps(payload).encode() + b"\n")
-
-    async def recv(self) -> dict[str, Any]:
-        with anyio.fail_after(REPLY_WAIT_S):
-            line = await self.reader.receive_until(b"\n", 1 << 24)
-        reply = json.loads(line)
-        assert isinstance(reply, dict)
-        return reply
-
-    async def recv_until_final(self, request_id: str) -> list[dict[str, Any]]:
-        """Replies for ``request_id`` up to its final one (anything but chunk/accepted)."""
-        seen: list[dict[str, Any]] = []
-        while True:
-            reply = await self.recv()
-            if reply.get("id") != request_id:
-                continue
-            seen.append(reply)
-            if reply["event"] not in ("chunk", "accepted"):
-                return seen
-
-    async def closed_by_peer(self) -> bool:
-        """True once the daemon has closed its side (EOF or reset), within the reply wait."""
-        with anyio.fail_after(REPLY_WAIT_S):
-            try:
-                await self.reader.receive_until(b"\n", 1 << 24)
-            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                return True
-        return False
-
-    async def ping(self, request_id: str = "ping-1") -> dict[str, Any]:
-        await self.send({"op": "ping", "id": request_id})
-        return await self.recv()
-
-
-@asynccontextmanager
-async def wire(path: str) -> AsyncIterator[Wire]:
-    async with await anyio.connect_unix(path) as stream:
-        yield Wire(stream)
 
 
 async def test_ping_echoes_the_id(start_daemon: Any) -> None:

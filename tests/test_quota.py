@@ -9,7 +9,7 @@ import pytest
 from dispatcher.limits import DailyBudget
 from dispatcher.protocol import Error, Result, Status
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, fakes, provider_entry
+from tests.helpers import build_config, fakes, provider_entry
 
 
 def test_budget_returns_tokens_a_day_after_use() -> None:

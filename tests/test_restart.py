@@ -14,10 +14,10 @@ import anyio
 import msgspec
 import pytest
 
-from benchmarks.restart import unfinished_job, write_unfinished
 from dispatcher.protocol import Accepted, Error, Pending, Pong, Status
 from dispatcher.simulator import Behaviour
-from tests.conftest import build_config, fakes, provider_entry
+from dispatcher.testing.journal_fill import unfinished_job, write_unfinished
+from tests.helpers import build_config, fakes, provider_entry, uvloop_only
 
 pytestmark = pytest.mark.anyio
 
@@ -30,6 +30,9 @@ def _hold_config(fake: Any, **daemon: Any) -> Any:
     return build_config({"hold": entry}, daemon=daemon) if daemon else build_config({"hold": entry})
 
 
+# About 5 s of replaying and polling 10,000 jobs: on the production loop only; the
+# 30-job replay test below covers plain asyncio.
+@uvloop_only
 async def test_ten_thousand_unfinished_jobs_are_replayed_and_queued(
     start_daemon: Any, tmp_path: Path, record_property: Any
 ) -> None:

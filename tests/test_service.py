@@ -12,7 +12,7 @@ import pytest
 from dispatcher.config import load_config
 from dispatcher.protocol import Result, Status
 from dispatcher.simulator import Behaviour
-from tests.conftest import TEST_KEY, chat, fakes
+from tests.helpers import TEST_KEY, chat, fakes
 
 pytestmark = pytest.mark.anyio
 

@@ -12,13 +12,17 @@ import anyio
 import msgspec
 import pytest
 
+from dispatcher.config import BUILTIN_PROVIDERS
 from dispatcher.simulator import (
     SEED_BEHAVIOURS,
+    SEED_OVERRIDES,
     Behaviour,
     FakeProvider,
     Fault,
     Simulator,
+    behaviour_from_config,
     estimate_tokens,
+    seed_behaviours,
 )
 
 CHAT: dict[str, Any] = {
@@ -452,3 +456,92 @@ async def test_simulator_runs_the_seed_providers_time_scaled(
     assert behaviours["siliconflow"].kind == "embed"
     assert behaviours["siliconflow"].daily_tokens == 500_000
     assert behaviours["siliconflow"].embed_dims == 1024
+
+
+# What SEED_BEHAVIOURS held, written out by hand, before it was derived from the
+# config's built-in table: `dispatcher bench` results must not move.
+SEED_BEHAVIOURS_BEFORE_DERIVATION = {
+    "zhipu": Behaviour(
+        name="zhipu",
+        model="glm-4-flash",
+        latency_s=1.03,
+        jitter=0.1,
+        concurrency=1,
+        thinking=True,
+        seed=1,
+    ),
+    "hunyuan": Behaviour(
+        name="hunyuan", model="hunyuan-lite", latency_s=1.20, jitter=0.1, concurrency=5, seed=2
+    ),
+    "nvidia1": Behaviour(
+        name="nvidia1",
+        model="z-ai/glm4.7",
+        latency_s=7.17,
+        jitter=0.1,
+        concurrency=5,
+        rpm=40,
+        thinking=True,
+        seed=3,
+    ),
+    "nvidia2": Behaviour(
+        name="nvidia2",
+        model="z-ai/glm4.7",
+        latency_s=2.68,
+        jitter=0.1,
+        concurrency=5,
+        rpm=40,
+        thinking=True,
+        seed=4,
+    ),
+    "siliconflow": Behaviour(
+        name="siliconflow",
+        kind="embed",
+        model="BAAI/bge-large-zh-v1.5",
+        latency_s=0.10,
+        jitter=0.1,
+        rpm=5,
+        daily_tokens=500_000,
+        embed_dims=1024,
+        seed=5,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_BEHAVIOURS_BEFORE_DERIVATION))
+def test_seed_fakes_derived_from_the_config_equal_the_hand_written_table(name: str) -> None:
+    """Each seed fake derived from BUILTIN_PROVIDERS equals, field by field, the one written by hand."""
+    derived = msgspec.structs.asdict(SEED_BEHAVIOURS[name])
+    before = msgspec.structs.asdict(SEED_BEHAVIOURS_BEFORE_DERIVATION[name])
+    assert {k: v for k, v in derived.items() if v != before[k]} == {}
+
+
+def test_seed_fakes_are_rebuilt_identically_from_an_unchanged_config() -> None:
+    """Deriving the fakes again from an untouched copy of the built-in table changes nothing."""
+    copy = {name: msgspec.structs.replace(p) for name, p in BUILTIN_PROVIDERS.items()}
+    assert seed_behaviours(copy) == SEED_BEHAVIOURS == seed_behaviours()
+    assert list(SEED_BEHAVIOURS) == list(SEED_BEHAVIOURS_BEFORE_DERIVATION)  # the same order
+
+
+def test_a_change_in_the_config_table_reaches_its_fake() -> None:
+    """A provider's latency, limits or model changed in the config change its seed fake too."""
+    changed = {
+        **BUILTIN_PROVIDERS,
+        "hunyuan": msgspec.structs.replace(
+            BUILTIN_PROVIDERS["hunyuan"], model="hunyuan-turbo", latency_s=0.5, rpm=30
+        ),
+    }
+    fake = seed_behaviours(changed)["hunyuan"]
+    assert (fake.model, fake.latency_s, fake.rpm) == ("hunyuan-turbo", 0.5, 30)
+    assert (fake.jitter, fake.seed) == (0.1, 2)  # the fake's own fields stay
+
+
+def test_only_the_listed_overrides_separate_a_seed_fake_from_its_config() -> None:
+    """Besides jitter and seed, a seed fake differs from its config entry only where SEED_OVERRIDES says."""
+    for name, provider in BUILTIN_PROVIDERS.items():
+        fake = SEED_BEHAVIOURS[name]
+        plain = msgspec.structs.replace(
+            behaviour_from_config(name, provider), jitter=fake.jitter, seed=fake.seed
+        )
+        differs = {k: v for k, v in msgspec.structs.asdict(fake).items() if v != getattr(plain, k)}
+        assert differs == dict(SEED_OVERRIDES.get(name, {})), name
+    assert SEED_OVERRIDES == {"siliconflow": {"concurrency": 0}}

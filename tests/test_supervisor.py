@@ -15,7 +15,7 @@ from dispatcher.protocol import ChatRequest, Chunk
 from dispatcher.provider import Answer, Outcome, ProviderActor
 from dispatcher.simulator import Behaviour
 from dispatcher.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
-from tests.conftest import fakes
+from tests.helpers import fakes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("log_output")]  # quiet, fast logs
 

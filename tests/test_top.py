@@ -13,7 +13,7 @@ from dispatcher.client import DaemonNotRunning
 from dispatcher.protocol import ProviderStatus, Result, Status
 from dispatcher.simulator import Behaviour
 from dispatcher.top import add_top_arguments, cmd_top, format_duration, render_status
-from tests.conftest import build_config, chat, fakes, provider_entry
+from tests.helpers import build_config, chat, fakes, provider_entry
 
 
 def provider(**fields: Any) -> ProviderStatus:

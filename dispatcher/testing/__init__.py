@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks that build daemon state without a daemon."""

@@ -1,0 +1,1 @@
+"""Tools that drive a whole daemon from outside: the chaos harness."""
