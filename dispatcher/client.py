@@ -71,9 +71,11 @@ class Client:
         # inside it would raise Cancelled and mask whatever the caller raised.
         async with stream, anyio.create_task_group() as tg:
             client = cls(stream, tg)
+            await tg.start(client._writer.run)
             tg.start_soon(client._read_replies)
             try:
                 yield client
+                await client._writer.flush(timeout_s)  # what was sent still leaves
             finally:
                 tg.cancel_scope.cancel()
 

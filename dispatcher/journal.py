@@ -193,7 +193,11 @@ class Journal:
     # -- writes ------------------------------------------------------------------------
 
     async def accept(self, job: Job) -> None:
-        """Queue the job's row; returns once it is committed (``job.persisted`` is set then)."""
+        """Queue the job's row; returns once it is committed (``job.persisted`` is set then).
+
+        A caller cancelled before the row is queued leaves no trace; once queued, the
+        row is committed and ``persisted`` set whether or not the caller still waits.
+        """
         await self._send.send(_Write("accept", job, job.persisted.set))
         await job.persisted.wait()
 

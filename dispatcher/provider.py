@@ -240,6 +240,9 @@ class ProviderActor:
                 if delta.content or delta.reasoning:
                     content.append(delta.content)
                     reasoning.append(delta.reasoning)
+                    # Set before the sink's await: a sink cancelled mid-write may still
+                    # deliver the chunk, and a job that streamed anything is never retried.
+                    job.streamed = True
                     if job.on_chunk is not None:
                         await job.on_chunk(
                             Chunk(
@@ -248,7 +251,6 @@ class ProviderActor:
                                 reasoning=delta.reasoning or None,
                             )
                         )
-                    job.streamed = True
             if decoder.done:
                 break
         for delta in decoder.close():

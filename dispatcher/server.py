@@ -1,8 +1,9 @@
 """The Unix socket front: NDJSON requests in, replies out, one task per connection.
 
-Resource handling: each connection owns a task group holding one task per
-request in flight; when the client goes away the group is cancelled and every
-job it was waiting for is cancelled upstream (detached jobs go on).
+Resource handling: each connection owns a task group holding its line writer
+(the one task that writes to the socket) and one task per request in flight;
+when the client goes away the group is cancelled and every job it was waiting
+for is cancelled upstream (detached jobs go on).
 
 Error handling: a bad line gets an ``error`` reply for that line and the
 connection stays usable; a line over ``max_frame_bytes`` gets
@@ -122,7 +123,7 @@ class Server:
         uid = peer_uid(stream)
         conn = Connection(self, stream, uid, next(self._ids))
         if len(self.connections) >= self.config.max_connections:
-            await conn.send(
+            await conn.refuse(
                 error_reply(None, Overloaded("too many connections; retry later", retry_after_s=1))
             )
             await stream.aclose()
@@ -166,6 +167,7 @@ class Connection:
         handled = 0
         async with anyio.create_task_group() as tg:
             self._scope = tg.cancel_scope
+            await tg.start(self._writer.run)
             while not self._closed:
                 try:
                     line = await self._read_line(reader, config.max_frame_bytes)
@@ -197,6 +199,14 @@ class Connection:
                         # Lines already buffered are read without waiting: without this,
                         # one client's flood would hold the loop from every other client.
                         await anyio.lowlevel.checkpoint()
+            await self._writer.flush(FLUSH_TIMEOUT_S)
+            tg.cancel_scope.cancel()
+
+    async def refuse(self, reply: Reply) -> None:
+        """Send ``reply`` as the only line of this connection (at most ``FLUSH_TIMEOUT_S``)."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._writer.run)
+            await self.send(reply)
             await self._writer.flush(FLUSH_TIMEOUT_S)
             tg.cancel_scope.cancel()
 
@@ -298,8 +308,6 @@ class Connection:
         """Persist (when journaled), acknowledge a detached job, or wait for the answer."""
         try:
             if job.durable:
-                if not job.persisted.is_set() and self.scheduler.journal is not None:
-                    await self.scheduler.journal.accept(job)
                 await self._persisted(job)
             if request.detach:
                 await self.send(Accepted(id=request.id, job=job.id))
@@ -313,7 +321,10 @@ class Connection:
         await self.send(job.reply(request.id))
 
     async def _persisted(self, job: Job) -> None:
-        with anyio.fail_after(PERSIST_TIMEOUT_S):
+        """Wait until the job's row is committed, queueing it first if nobody has."""
+        with anyio.fail_after(PERSIST_TIMEOUT_S):  # the queueing wait too: a full journal
+            if not job.persisted.is_set() and self.scheduler.journal is not None:
+                await self.scheduler.journal.accept(job)
             await job.persisted.wait()
 
     def _cancel(self, request: CancelRequest) -> Reply:
@@ -385,7 +396,7 @@ class Connection:
 
     def close(self) -> None:
         self._closed = True
-        self._writer.closed = True
+        self._writer.close()
         if self._scope is not None:
             self._scope.cancel()
 
