@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dispatcher.demo
+	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check dispatcher tests benchmarks
-	$(BIN)/ruff format --check dispatcher tests benchmarks
+	$(BIN)/ruff check dispatcher tests benchmarks examples
+	$(BIN)/ruff format --check dispatcher tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -29,8 +29,8 @@ from pathlib import Path
 import aiohttp
 import anyio
 
-from dispatcher.client import Client, answers_ping
-from dispatcher.simulator import Behaviour, FakeProvider
+from dispatcher.client.connection import Client, answers_ping
+from dispatcher.testing.simulator import Behaviour, FakeProvider
 
 KEY = "overhead-bench-key-0000"
 
@@ -118,7 +118,7 @@ async def wait_for_daemon(sock: str, daemon: anyio.abc.Process) -> None:
 
 _FAKE = f"""
 import anyio, sys
-from dispatcher.simulator import Behaviour, FakeProvider
+from dispatcher.testing.simulator import Behaviour, FakeProvider
 async def main():
     async with FakeProvider(Behaviour(name="zero", model="m", api_key={KEY!r})) as fake:
         print(fake.url, flush=True)

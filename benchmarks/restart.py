@@ -4,7 +4,7 @@
 
 Writes a journal holding N unfinished detached, keyed jobs (with
 :func:`dispatcher.testing.journal_fill.write_unfinished`, through
-:class:`dispatcher.journal.Journal` as a daemon would), then starts a daemon on
+:class:`dispatcher.store.journal.Journal` as a daemon would), then starts a daemon on
 it, several times, each on a fresh copy of that journal:
 
 * ``process``: ``python -m dispatcher serve`` as a subprocess, timed from the
@@ -35,10 +35,10 @@ import anyio
 
 from dispatcher import logs
 from dispatcher.app import Daemon, Options
-from dispatcher.client import answers_ping
-from dispatcher.config import Config, parse_config
-from dispatcher.simulator import Behaviour, FakeProvider
+from dispatcher.client.connection import answers_ping
+from dispatcher.contract.config import Config, parse_config
 from dispatcher.testing.journal_fill import write_unfinished
+from dispatcher.testing.simulator import Behaviour, FakeProvider
 
 KEY_ENV = "RESTART_BENCH_KEY"
 READY_TIMEOUT_S = 60.0

@@ -12,7 +12,7 @@ It does what the seed's sample code does for a batch of default-class jobs:
   hunyuan, nvidia2, nvidia1); a job fails only when every provider failed.
 
 It reports completed jobs, the upstream 429s the fakes answered, the makespan,
-the physical lower bound (:func:`dispatcher.bench.lower_bound_s`) and
+the physical lower bound (:func:`dispatcher.tools.bench.lower_bound_s`) and
 efficiency, on the same simulator ``dispatcher bench --scenario burst`` uses.
 
     .venv/bin/python benchmarks/seed_baseline.py --jobs 400 --time-scale 0.1
@@ -32,8 +32,8 @@ import aiohttp
 import anyio
 import msgspec
 
-from dispatcher.bench import lower_bound_s
-from dispatcher.simulator import SEED_BEHAVIOURS, Simulator
+from dispatcher.testing.simulator import SEED_BEHAVIOURS, Simulator
+from dispatcher.tools.bench import lower_bound_s
 
 WEIGHTS = {"hunyuan": 50.0, "nvidia1": 20.0, "nvidia2": 20.0, "zhipu": 10.0}
 SEMAPHORES = {"zhipu": 1, "hunyuan": 5, "nvidia1": 5, "nvidia2": 5}

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -25,17 +26,19 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher import logs, systemd
-from dispatcher.config import Config, ConfigError, ProviderConfig, load_config, resolve_key
+from dispatcher.contract.config import Config, ConfigError, ProviderConfig, load_config, resolve_key
+from dispatcher.contract.errors import Cancelled
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.errors import Cancelled
-from dispatcher.http_front import HttpFront
-from dispatcher.journal import Journal
-from dispatcher.metrics import serve_metrics
-from dispatcher.provider import ProviderActor
-from dispatcher.scheduler import Scheduler
-from dispatcher.server import Server
-from dispatcher.simulator import SEED_BEHAVIOURS, Behaviour, Simulator, behaviour_from_config
-from dispatcher.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
+from dispatcher.ingress.http_front import HttpFront
+from dispatcher.ingress.metrics import serve_metrics
+from dispatcher.ingress.unix_server import Server
+from dispatcher.providers.actor import ProviderActor
+from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
+from dispatcher.scheduler.loop import Scheduler
+from dispatcher.store.journal import Journal
+
+if TYPE_CHECKING:  # the fakes load only under --simulate
+    from dispatcher.testing.simulator import Simulator
 
 log = structlog.get_logger("dispatcher.app")
 
@@ -175,6 +178,13 @@ class Daemon:
     # -- providers ---------------------------------------------------------------------
 
     def _make_simulator(self) -> Simulator:
+        from dispatcher.testing.simulator import (
+            SEED_BEHAVIOURS,
+            Behaviour,
+            Simulator,
+            behaviour_from_config,
+        )
+
         behaviours: dict[str, Behaviour] = {}
         for name, provider in self.config.providers.items():
             base = SEED_BEHAVIOURS.get(name) or behaviour_from_config(name, provider)

@@ -17,8 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from dispatcher import __version__
-from dispatcher.client import Client, ConnectionLost, DaemonNotRunning
-from dispatcher.config import (
+from dispatcher.client.connection import Client, ConnectionLost, DaemonNotRunning
+from dispatcher.contract.config import (
     Config,
     ConfigError,
     DaemonConfig,
@@ -27,7 +27,7 @@ from dispatcher.config import (
     resolve_key,
     socket_path,
 )
-from dispatcher.protocol import Chunk, Error, Health, Reply, Result, Status
+from dispatcher.contract.protocol import Chunk, Error, Health, Reply, Result, Status
 
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: no daemon
 EXIT_FAILED = 1
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default task for lines without one",
     )
 
-    from dispatcher.top import add_top_arguments, cmd_top
+    from dispatcher.client.top import add_top_arguments, cmd_top
 
     top = verb("top", cmd_top, "a live view of providers, classes and totals")
     add_top_arguments(top)
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "check-config", cmd_check_config, "validate the configuration and print what it resolves to"
     )
-    from dispatcher.bench import add_bench_arguments, cmd_bench
+    from dispatcher.tools.bench import add_bench_arguments, cmd_bench
 
     bench = verb("bench", cmd_bench, "run scheduling scenarios against the built-in simulator")
     add_bench_arguments(bench)
@@ -414,7 +414,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from dispatcher.batch import run_batch
+    from dispatcher.client.batch import run_batch
 
     output = Path(args.output) if args.output else Path(f"{args.input}.out.jsonl")
     return run_batch(

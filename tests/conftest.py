@@ -17,7 +17,7 @@ import pytest
 
 from dispatcher import logs
 from dispatcher.app import Daemon, Options
-from dispatcher.config import Config, DaemonConfig
+from dispatcher.contract.config import Config, DaemonConfig
 from tests.helpers import BACKENDS, Running, keys_for
 
 

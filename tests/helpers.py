@@ -18,9 +18,9 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from dispatcher.app import Daemon
-from dispatcher.client import Client
-from dispatcher.config import Config, parse_config
-from dispatcher.simulator import Behaviour, FakeProvider
+from dispatcher.client.connection import Client
+from dispatcher.contract.config import Config, parse_config
+from dispatcher.testing.simulator import Behaviour, FakeProvider
 
 __all__ = [
     "ASYNCIO",

@@ -31,8 +31,8 @@ import anyio
 import pytest
 from aiohttp import web
 
-from dispatcher.protocol import Accepted, Result
-from dispatcher.simulator import Behaviour, Fault
+from dispatcher.contract.protocol import Accepted, Result
+from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio

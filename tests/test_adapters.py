@@ -12,21 +12,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from dispatcher.adapters import (
-    AnswerFormatError,
-    ChatAnswer,
+from dispatcher.contract.protocol import Usage
+from dispatcher.providers.adapters import build_chat_body, build_embed_body, encode_body
+from dispatcher.providers.headers import (
     RateLimitInfo,
-    SSEDecoder,
-    StreamDelta,
-    Usage,
-    build_chat_body,
-    build_embed_body,
-    encode_body,
-    parse_chat_answer,
-    parse_embed_answer,
     parse_error_message,
     rate_limit_headers,
     retry_after_seconds,
+)
+from dispatcher.providers.sse import SSEDecoder
+from dispatcher.providers.wire import (
+    AnswerFormatError,
+    ChatAnswer,
+    StreamDelta,
+    parse_chat_answer,
+    parse_embed_answer,
 )
 
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "你好"}]

@@ -11,8 +11,8 @@ import anyio
 import pytest
 from rich.console import Console
 
-from dispatcher.batch import line_key, parse_line, run_batch
-from dispatcher.simulator import Behaviour
+from dispatcher.client.batch import line_key, parse_line, run_batch
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio

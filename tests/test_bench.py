@@ -9,7 +9,9 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from dispatcher.bench import (
+from dispatcher.cli import build_parser
+from dispatcher.contract.config import builtin_config
+from dispatcher.tools.bench import (
     BenchReport,
     BenchSettings,
     FairnessReport,
@@ -26,8 +28,6 @@ from dispatcher.bench import (
     run_priority,
     with_strategy,
 )
-from dispatcher.cli import build_parser
-from dispatcher.config import builtin_config
 
 # -- lower_bound_s ---------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from dispatcher.cache import ResponseCache, cache_key
-from dispatcher.protocol import ChatRequest, Error, Result
-from dispatcher.simulator import Behaviour
+from dispatcher.contract.protocol import ChatRequest, Error, Result
+from dispatcher.store.cache import ResponseCache, cache_key
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio

@@ -19,15 +19,15 @@ import anyio
 import pytest
 from anyio.abc import ByteSendStream
 
-from dispatcher.config import HttpConfig
-from dispatcher.errors import Cancelled, DispatcherError
-from dispatcher.http_front import HttpFront
-from dispatcher.jobs import Job
-from dispatcher.journal import Journal
-from dispatcher.protocol import ChatRequest, Chunk, Result
-from dispatcher.provider import Outcome
-from dispatcher.simulator import Behaviour, Fault
-from dispatcher.writer import LineWriter, PeerGone
+from dispatcher.contract.config import HttpConfig
+from dispatcher.contract.errors import Cancelled, DispatcherError
+from dispatcher.contract.protocol import ChatRequest, Chunk, Result
+from dispatcher.ingress.http_front import HttpFront
+from dispatcher.ingress.line_writer import LineWriter, PeerGone
+from dispatcher.providers.actor import Outcome
+from dispatcher.scheduler.job import Job
+from dispatcher.store.journal import Journal
+from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import Running, build_config, chat, fakes, provider_entry, wire
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("log_output")]

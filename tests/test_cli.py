@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dispatcher.client import answers_ping as client_answers_ping
+from dispatcher.client.connection import answers_ping as client_answers_ping
 
 START_DEADLINE_S = 15.0
 COMMAND_TIMEOUT_S = 20.0

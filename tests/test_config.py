@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from dispatcher import cli
-from dispatcher import config as config_module
-from dispatcher.config import ConfigError, ProviderConfig, load_config, resolve_key
-from dispatcher.protocol import Error, Result, Status
-from dispatcher.simulator import Behaviour
+from dispatcher.contract import config as config_module
+from dispatcher.contract.config import ConfigError, ProviderConfig, load_config, resolve_key
+from dispatcher.contract.protocol import Error, Result, Status
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import TEST_KEY, build_config, chat, fakes, provider_entry
 
 MINIMAL_PROVIDER = """

@@ -7,8 +7,8 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.protocol import Accepted, Chunk, Error, Health, Pong, Result, Status
-from dispatcher.simulator import Behaviour
+from dispatcher.contract.protocol import Accepted, Chunk, Error, Health, Pong, Result, Status
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio

@@ -239,7 +239,7 @@ def test_example_config_socket_matches_unit(
 
 def test_example_config_loads() -> None:
     """The daemon's own loader accepts the example configuration."""
-    config = pytest.importorskip("dispatcher.config")
+    config = pytest.importorskip("dispatcher.contract.config")
     loaded = config.load_config(EXAMPLE_CONFIG)
     assert set(loaded.providers) == SEED_PROVIDERS
 

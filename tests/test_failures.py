@@ -8,12 +8,12 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher import policy
-from dispatcher.config import RetryConfig
-from dispatcher.errors import UpstreamError
-from dispatcher.jobs import Job
-from dispatcher.protocol import ChatRequest, Error, Result, Status
-from dispatcher.simulator import Behaviour, Fault
+from dispatcher.contract.config import RetryConfig
+from dispatcher.contract.errors import UpstreamError
+from dispatcher.contract.protocol import ChatRequest, Error, Result, Status
+from dispatcher.core import outcomes
+from dispatcher.scheduler.job import Job
+from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import REPLY_WAIT_S, build_config, chat, fakes, provider_entry, wire
 
 RETRY_AFTER_S = 0.4
@@ -192,7 +192,7 @@ def test_timeout_message_says_how_to_allow_more_time() -> None:
     )
     job.attempts = 1
     error = UpstreamError("timeout", "no answer within 0.3 s")
-    final = policy.judge_failure(job, "a", error, 100.31, RetryConfig(), random.Random(0))
+    final = outcomes.judge_failure(job, "a", error, 100.31, RetryConfig(), random.Random(0))
     assert final is not None
     assert final.code == "timeout"
     assert "timeout_s" in final.message

@@ -15,10 +15,10 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.client import Client
-from dispatcher.config import Config
-from dispatcher.protocol import Chunk, Error, Reply, Result, Status
-from dispatcher.simulator import KEEP_LAST, Behaviour, FakeProvider, Fault
+from dispatcher.client.connection import Client
+from dispatcher.contract.config import Config
+from dispatcher.contract.protocol import Chunk, Error, Reply, Result, Status
+from dispatcher.testing.simulator import KEEP_LAST, Behaviour, FakeProvider, Fault
 from tests.helpers import build_config, chat, fakes, provider_entry, uvloop_only
 
 # -- helpers ----------------------------------------------------------------------------

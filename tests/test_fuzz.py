@@ -29,8 +29,8 @@ from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.errors import ErrorCode
-from dispatcher.simulator import Behaviour, FakeProvider
+from dispatcher.contract.errors import ErrorCode
+from dispatcher.testing.simulator import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,8 +8,8 @@ import anyio
 import msgspec
 import pytest
 
-from dispatcher.protocol import Result
-from dispatcher.simulator import Behaviour, Fault
+from dispatcher.contract.protocol import Result
+from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import build_config, chat, fakes, provider_entry
 
 

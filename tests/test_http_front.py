@@ -14,9 +14,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from dispatcher.config import HttpConfig, parse_listen
-from dispatcher.http_front import HttpFront
-from dispatcher.simulator import Behaviour, Fault
+from dispatcher.contract.config import HttpConfig, parse_listen
+from dispatcher.ingress.http_front import HttpFront
+from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import Running, build_config, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio

@@ -9,10 +9,10 @@ import anyio
 import msgspec
 import pytest
 
-from dispatcher.jobs import Job
-from dispatcher.journal import Journal, request_digest
-from dispatcher.protocol import Accepted, ChatRequest, Error, Pending, Result
-from dispatcher.simulator import Behaviour
+from dispatcher.contract.protocol import Accepted, ChatRequest, Error, Pending, Result
+from dispatcher.scheduler.job import Job
+from dispatcher.store.journal import Journal, request_digest
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio

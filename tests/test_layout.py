@@ -90,20 +90,23 @@ def test_no_import_cycle() -> None:
     assert cycle is None, " -> ".join(cycle or [])
 
 
-# The daemon's rooms (and, before the move into rooms, their flat modules).
+# The rooms only the daemon needs: a client verb or a config check must not load them.
 DAEMON_MODULES = (
     "dispatcher.app",
     "dispatcher.scheduler",
     "dispatcher.providers",
-    "dispatcher.provider",
     "dispatcher.ingress",
-    "dispatcher.server",
-    "dispatcher.http_front",
+    "dispatcher.store",
+    "dispatcher.testing",
 )
 
 
+# The socket client writes its lines with the server's line writer.
+SHARED_WITH_CLIENTS = {"dispatcher.ingress", "dispatcher.ingress.line_writer"}
+
+
 def _daemon_modules(loaded: set[str]) -> set[str]:
-    return {m for m in loaded if m.startswith(DAEMON_MODULES)}
+    return {m for m in loaded if m.startswith(DAEMON_MODULES)} - SHARED_WITH_CLIENTS
 
 
 def _loaded_after(code: str) -> set[str]:
@@ -121,7 +124,7 @@ def test_loading_a_config_imports_no_daemon(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[http]\nlisten = "127.0.0.1:8080"\n[metrics]\nlisten = "127.0.0.1:9464"\n')
     loaded = _loaded_after(
-        f"from dispatcher.config import load_config; load_config(__import__('pathlib').Path({str(config)!r}))"
+        f"from dispatcher.contract.config import load_config; load_config(__import__('pathlib').Path({str(config)!r}))"
     )
     assert "aiohttp" not in loaded
     assert _daemon_modules(loaded) == set()
@@ -140,3 +143,9 @@ def test_client_verbs_import_no_daemon(tmp_path: Path) -> None:
     )
     assert "aiohttp" not in loaded
     assert _daemon_modules(loaded) == set()
+
+
+def test_the_daemon_loads_no_fakes() -> None:
+    """The daemon's own modules load the simulator only when --simulate asks for it."""
+    loaded = _loaded_after("import dispatcher.app")
+    assert not {m for m in loaded if m.startswith(("dispatcher.testing", "dispatcher.tools"))}

@@ -15,8 +15,8 @@ import structlog
 from aiohttp import web
 
 from dispatcher import logs
-from dispatcher.protocol import Error, Result
-from dispatcher.simulator import Behaviour
+from dispatcher.contract.protocol import Error, Result
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
 
 # Not key-shaped on purpose: only the daemon's knowledge of its own keys can hide it.

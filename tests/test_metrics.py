@@ -13,10 +13,10 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.config import MetricsConfig
-from dispatcher.metrics import Metrics, serve_metrics
-from dispatcher.protocol import ChatRequest
-from dispatcher.simulator import Behaviour, Fault
+from dispatcher.contract.config import MetricsConfig
+from dispatcher.contract.protocol import ChatRequest
+from dispatcher.ingress.metrics import Metrics, serve_metrics
+from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import Running, build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio

@@ -7,21 +7,17 @@ from typing import Any
 
 import pytest
 
-from dispatcher.circuit import CircuitBreaker
-from dispatcher.config import ProviderConfig, RetryConfig, builtin_config
-from dispatcher.errors import ContextTooLong, NoProvider, UpstreamError
-from dispatcher.jobs import Job
-from dispatcher.limits import RateLearner, TokenBucket
-from dispatcher.policy import (
-    RPM_WINDOW_S,
-    ProviderLimits,
-    classify_chat,
-    describe_attempts,
-    judge_failure,
-    plan,
-)
-from dispatcher.protocol import ChatRequest
-from dispatcher.queueing import FairQueue
+from dispatcher.contract.config import ProviderConfig, RetryConfig, builtin_config
+from dispatcher.contract.errors import ContextTooLong, NoProvider, UpstreamError
+from dispatcher.contract.protocol import ChatRequest
+from dispatcher.core.circuit import CircuitBreaker
+from dispatcher.core.classify import classify_chat
+from dispatcher.core.fair_queue import FairQueue
+from dispatcher.core.limits import RateLearner, TokenBucket
+from dispatcher.core.outcomes import describe_attempts, judge_failure
+from dispatcher.core.plan import plan
+from dispatcher.core.provider_state import RPM_WINDOW_S, ProviderLimits
+from dispatcher.scheduler.job import Job
 
 RETRY = RetryConfig(max_attempts=6, per_provider=3, backoff_base_s=1.0, backoff_max_s=8.0)
 

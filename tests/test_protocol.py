@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.simulator import Behaviour
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import REPLY_WAIT_S, build_config, chat, fakes, provider_entry, wire
 
 pytestmark = pytest.mark.anyio

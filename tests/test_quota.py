@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from dispatcher.limits import DailyBudget
-from dispatcher.protocol import Error, Result, Status
-from dispatcher.simulator import Behaviour
+from dispatcher.contract.protocol import Error, Result, Status
+from dispatcher.core.limits import DailyBudget
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, fakes, provider_entry
 
 

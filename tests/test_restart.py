@@ -14,9 +14,9 @@ import anyio
 import msgspec
 import pytest
 
-from dispatcher.protocol import Accepted, Error, Pending, Pong, Status
-from dispatcher.simulator import Behaviour
+from dispatcher.contract.protocol import Accepted, Error, Pending, Pong, Status
 from dispatcher.testing.journal_fill import unfinished_job, write_unfinished
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, fakes, provider_entry, uvloop_only
 
 pytestmark = pytest.mark.anyio

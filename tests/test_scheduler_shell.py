@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
-from dispatcher.adapters import ChatAnswer
-from dispatcher.config import Config, parse_config
+from dispatcher.contract.config import Config, parse_config
+from dispatcher.contract.errors import InternalError, NoProvider, UpstreamError, UpstreamFailed
+from dispatcher.contract.protocol import ChatRequest, Result, Usage
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.errors import InternalError, NoProvider, UpstreamError, UpstreamFailed
-from dispatcher.jobs import Job
-from dispatcher.protocol import ChatRequest, Result, Usage
-from dispatcher.provider import Answer
-from dispatcher.scheduler import Scheduler
+from dispatcher.providers.actor import Answer
+from dispatcher.providers.wire import ChatAnswer
+from dispatcher.scheduler.job import Job
+from dispatcher.scheduler.loop import Scheduler
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.config import load_config
-from dispatcher.protocol import Result, Status
-from dispatcher.simulator import Behaviour
+from dispatcher.contract.config import load_config
+from dispatcher.contract.protocol import Result, Status
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import TEST_KEY, chat, fakes
 
 pytestmark = pytest.mark.anyio

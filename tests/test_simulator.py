@@ -12,8 +12,8 @@ import anyio
 import msgspec
 import pytest
 
-from dispatcher.config import BUILTIN_PROVIDERS
-from dispatcher.simulator import (
+from dispatcher.contract.config import BUILTIN_PROVIDERS
+from dispatcher.testing.simulator import (
     SEED_BEHAVIOURS,
     SEED_OVERRIDES,
     Behaviour,

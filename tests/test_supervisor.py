@@ -8,13 +8,13 @@ import anyio
 import pytest
 from anyio.abc import TaskStatus
 
-from dispatcher.config import ProviderConfig
-from dispatcher.jobs import Job
-from dispatcher.policy import ProviderLimits
-from dispatcher.protocol import ChatRequest, Chunk
-from dispatcher.provider import Answer, Outcome, ProviderActor
-from dispatcher.simulator import Behaviour
-from dispatcher.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
+from dispatcher.contract.config import ProviderConfig
+from dispatcher.contract.protocol import ChatRequest, Chunk
+from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.providers.actor import Answer, Outcome, ProviderActor
+from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
+from dispatcher.scheduler.job import Job
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import fakes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("log_output")]  # quiet, fast logs

@@ -9,10 +9,10 @@ import anyio
 import pytest
 from rich.console import Console
 
-from dispatcher.client import DaemonNotRunning
-from dispatcher.protocol import ProviderStatus, Result, Status
-from dispatcher.simulator import Behaviour
-from dispatcher.top import add_top_arguments, cmd_top, format_duration, render_status
+from dispatcher.client.connection import DaemonNotRunning
+from dispatcher.client.top import add_top_arguments, cmd_top, format_duration, render_status
+from dispatcher.contract.protocol import ProviderStatus, Result, Status
+from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
 
 

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from dispatcher.config import Config
+from dispatcher.contract.config import Config
+from dispatcher.contract.errors import Overloaded
+from dispatcher.contract.protocol import EmbedRequest, JobRequest
 from dispatcher.core.classify import check_quota, classify_chat, classify_embed, weighted_pick
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.errors import Overloaded
-from dispatcher.protocol import EmbedRequest, JobRequest
-from dispatcher.tokens import estimate_messages, estimate_text
+from dispatcher.core.tokens import estimate_messages, estimate_text
 
 Kind = Literal["chat", "embed"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from dispatcher.config import ClassPolicy, Config
+from dispatcher.contract.config import ClassPolicy, Config
+from dispatcher.contract.errors import ContextTooLong, NoProvider, QuotaExhausted
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.errors import ContextTooLong, NoProvider, QuotaExhausted
 
 
 def classify_chat(

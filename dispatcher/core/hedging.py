@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from dispatcher.config import ClassPolicy
+from dispatcher.contract.config import ClassPolicy
 from dispatcher.core.provider_state import ProviderLimits
 
 if TYPE_CHECKING:
-    from dispatcher.jobs import Job
+    from dispatcher.scheduler.job import Job
 
 HEDGE_SHARE = 0.05  # hedged copies are at most this share of all attempts
 

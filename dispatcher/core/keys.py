@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from dispatcher.protocol import JobRequest
+from dispatcher.contract.protocol import JobRequest
 
 _encoder = msgspec.json.Encoder()
 

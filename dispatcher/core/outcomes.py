@@ -28,9 +28,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.config import RetryConfig
-from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.errors import (
+from dispatcher.contract.config import RetryConfig
+from dispatcher.contract.errors import (
     DispatcherError,
     InternalError,
     Timeout,
@@ -38,12 +37,13 @@ from dispatcher.errors import (
     UpstreamFailed,
     UpstreamKind,
 )
+from dispatcher.core.provider_state import ProviderLimits
 
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from dispatcher.jobs import Job
-    from dispatcher.provider import Answer
+    from dispatcher.providers.actor import Answer
+    from dispatcher.scheduler.job import Job
 
     Outcome: TypeAlias = Answer | UpstreamError | None
 

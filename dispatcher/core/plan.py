@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from dispatcher.core.provider_state import ProviderLimits
 
 if TYPE_CHECKING:
-    from dispatcher.jobs import Job
+    from dispatcher.scheduler.job import Job
 
 EPSILON = 1e-6
 EXPIRY_SCAN = 64  # queued jobs checked for a hopeless deadline when nothing can start

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from dispatcher.circuit import CircuitBreaker
-from dispatcher.config import ProviderConfig
-from dispatcher.limits import DailyBudget, RateLearner, TokenBucket, WindowCounter
+from dispatcher.contract.config import ProviderConfig
+from dispatcher.core.circuit import CircuitBreaker
+from dispatcher.core.limits import DailyBudget, RateLearner, TokenBucket, WindowCounter
 
 # A provider counts a request when it arrives, a little after we sent it; tokens come
 # back a second late so a request sent the moment one returns is never early.

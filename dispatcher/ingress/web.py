@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from anyio.abc import TaskStatus
 
-from dispatcher.config import is_loopback, parse_listen
+from dispatcher.contract.config import is_loopback, parse_listen
 from dispatcher.ingress.unix import bind_unix_socket
 
 log = structlog.get_logger("dispatcher.web")

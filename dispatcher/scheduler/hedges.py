@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from dispatcher.contract.errors import Cancelled
 from dispatcher.core import hedging
-from dispatcher.errors import Cancelled
-from dispatcher.jobs import Job
+from dispatcher.scheduler.job import Job
 
 if TYPE_CHECKING:
     from dispatcher.scheduler.loop import Scheduler

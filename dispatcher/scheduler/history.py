@@ -6,9 +6,9 @@ from collections import OrderedDict, deque
 
 import structlog
 
-from dispatcher.errors import DispatcherError
-from dispatcher.jobs import Job
-from dispatcher.protocol import RecentJob, Result
+from dispatcher.contract.errors import DispatcherError
+from dispatcher.contract.protocol import RecentJob, Result
+from dispatcher.scheduler.job import Job
 
 log = structlog.get_logger("dispatcher.scheduler")
 

@@ -34,19 +34,19 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from dispatcher.cache import ResponseCache, cache_key
-from dispatcher.config import Config
+from dispatcher.contract.config import Config
+from dispatcher.contract.errors import Cancelled, ClientError, DispatcherError
+from dispatcher.contract.protocol import ChatRequest, JobRequest, ProbeResult, Result, Status
 from dispatcher.core import admission, hedging, keys, outcomes
+from dispatcher.core.fair_queue import FairQueue
 from dispatcher.core.plan import EXPIRY_SCAN, plan
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.errors import Cancelled, ClientError, DispatcherError
-from dispatcher.jobs import ChunkSink, Job
-from dispatcher.journal import Journal, StoredJob
-from dispatcher.protocol import ChatRequest, JobRequest, ProbeResult, Result, Status
-from dispatcher.provider import Outcome
-from dispatcher.queueing import FairQueue
+from dispatcher.providers.actor import Outcome
 from dispatcher.scheduler import hedges, probe, replay, results, status, verdicts
 from dispatcher.scheduler.history import History
+from dispatcher.scheduler.job import ChunkSink, Job
+from dispatcher.store.cache import ResponseCache, cache_key
+from dispatcher.store.journal import Journal, StoredJob
 
 log = structlog.get_logger("dispatcher.scheduler")
 

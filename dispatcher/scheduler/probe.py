@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from dispatcher.errors import Cancelled, DispatcherError
-from dispatcher.protocol import ChatRequest, EmbedRequest, JobRequest, ProbeResult, Result
+from dispatcher.contract.errors import Cancelled, DispatcherError
+from dispatcher.contract.protocol import ChatRequest, EmbedRequest, JobRequest, ProbeResult, Result
 
 if TYPE_CHECKING:
     from dispatcher.scheduler.loop import Scheduler

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from dispatcher.contract.errors import DispatcherError
 from dispatcher.core import admission
-from dispatcher.errors import DispatcherError
-from dispatcher.jobs import Job
-from dispatcher.journal import StoredJob
+from dispatcher.scheduler.job import Job
+from dispatcher.store.journal import StoredJob
 
 if TYPE_CHECKING:
     from dispatcher.scheduler.loop import Scheduler

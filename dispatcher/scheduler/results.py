@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import msgspec
 
+from dispatcher.contract.protocol import ChatRequest, Result
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.jobs import Job
-from dispatcher.protocol import ChatRequest, Result
-from dispatcher.provider import Answer
+from dispatcher.providers.actor import Answer
+from dispatcher.scheduler.job import Job
 
 
 def build(job: Job, provider: str, limits: ProviderLimits, answer: Answer, now: float) -> Result:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dispatcher.contract.protocol import ProviderStatus, Status
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.protocol import ProviderStatus, Status
 
 if TYPE_CHECKING:
     from dispatcher.scheduler.loop import Scheduler

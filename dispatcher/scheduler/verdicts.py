@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from dispatcher.contract.errors import Cancelled, NoProvider, UpstreamError
 from dispatcher.core import outcomes
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.errors import Cancelled, NoProvider, UpstreamError
-from dispatcher.jobs import Job
-from dispatcher.provider import Answer, Outcome
+from dispatcher.providers.actor import Answer, Outcome
 from dispatcher.scheduler import results
+from dispatcher.scheduler.job import Job
 
 if TYPE_CHECKING:
     from dispatcher.scheduler.loop import Scheduler

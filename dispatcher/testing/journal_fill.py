@@ -2,7 +2,7 @@
 
 Used by ``benchmarks/restart.py`` (how long a restart on a full journal takes) and
 ``tests/test_restart.py`` (every such job is replayed). The jobs are written through
-:class:`dispatcher.journal.Journal`, the daemon's own writer, so the rows are exactly
+:class:`dispatcher.store.journal.Journal`, the daemon's own writer, so the rows are exactly
 what a real daemon stores.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import anyio
 
-from dispatcher.jobs import Job
-from dispatcher.journal import Journal, request_digest
-from dispatcher.protocol import ChatRequest
+from dispatcher.contract.protocol import ChatRequest
+from dispatcher.scheduler.job import Job
+from dispatcher.store.journal import Journal, request_digest
 
 __all__ = ["unfinished_job", "write_unfinished"]
 

@@ -5,7 +5,7 @@
 
     .venv/bin/python benchmarks/chaos.py --jobs 5000 --clients 16 --kills 10
 
-The fake upstream providers (:class:`dispatcher.simulator.FakeProvider`) run in
+The fake upstream providers (:class:`dispatcher.testing.simulator.FakeProvider`) run in
 this process, so their counters survive every kill; the daemon is a real
 ``python -m dispatcher serve`` subprocess whose config file points at them, with
 the keys passed through ``api_key_env`` variables. Every start of the daemon gets
@@ -63,9 +63,9 @@ import anyio
 from aiohttp import web
 from anyio.abc import Process
 
-from dispatcher.client import Client, ConnectionLost, DaemonNotRunning, answers_ping
-from dispatcher.protocol import Accepted, Error, Result, Status
-from dispatcher.simulator import Behaviour, FakeProvider
+from dispatcher.client.connection import Client, ConnectionLost, DaemonNotRunning, answers_ping
+from dispatcher.contract.protocol import Accepted, Error, Result, Status
+from dispatcher.testing.simulator import Behaviour, FakeProvider
 
 READY_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 120.0

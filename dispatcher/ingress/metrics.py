@@ -35,13 +35,13 @@ from prometheus_client import (
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from dispatcher.circuit import CircuitState
-from dispatcher.config import MetricsConfig
-from dispatcher.errors import UpstreamKind
+from dispatcher.contract.config import MetricsConfig
+from dispatcher.contract.errors import UpstreamKind
+from dispatcher.contract.protocol import Result
+from dispatcher.core.circuit import CircuitState
 from dispatcher.ingress.web import WebService
-from dispatcher.jobs import Job
-from dispatcher.protocol import Result
-from dispatcher.scheduler import Scheduler
+from dispatcher.scheduler.job import Job
+from dispatcher.scheduler.loop import Scheduler
 
 log = structlog.get_logger("dispatcher.metrics")
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from dispatcher.protocol import ChatRequest, EmbedRequest, JobRequest, Result
+from dispatcher.contract.protocol import ChatRequest, EmbedRequest, JobRequest, Result
 
 _encoder = msgspec.json.Encoder(order="deterministic")
 

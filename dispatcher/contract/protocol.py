@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from dispatcher.errors import ClientError, DispatcherError, ErrorCode
+from dispatcher.contract.errors import ClientError, DispatcherError, ErrorCode
 
 TaskClass = Literal["realtime", "bulk", "complex", "default"]
 JobState = Literal["queued", "running", "retrying", "done", "failed"]

@@ -37,8 +37,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dispatcher.client import Client, ConnectionLost
-from dispatcher.protocol import Accepted, Error, Reply, Result
+from dispatcher.client.connection import Client, ConnectionLost
+from dispatcher.contract.protocol import Accepted, Error, Reply, Result
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()

@@ -24,16 +24,14 @@ import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from dispatcher.config import DaemonConfig
-from dispatcher.errors import (
+from dispatcher.contract.config import DaemonConfig
+from dispatcher.contract.errors import (
     DispatcherError,
     FrameTooLarge,
     Overloaded,
     UnknownJob,
 )
-from dispatcher.ingress.unix import bind_unix_socket, peer_uid
-from dispatcher.jobs import Job
-from dispatcher.protocol import (
+from dispatcher.contract.protocol import (
     Accepted,
     CancelRequest,
     ChatRequest,
@@ -53,8 +51,10 @@ from dispatcher.protocol import (
     encode_line,
     error_reply,
 )
-from dispatcher.scheduler import KnownJob, Scheduler
-from dispatcher.writer import LineWriter, PeerGone
+from dispatcher.ingress.line_writer import LineWriter, PeerGone
+from dispatcher.ingress.unix import bind_unix_socket, peer_uid
+from dispatcher.scheduler.job import Job
+from dispatcher.scheduler.loop import KnownJob, Scheduler
 
 log = structlog.get_logger("dispatcher.server")
 

@@ -23,8 +23,8 @@ from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
-from dispatcher.protocol import Accepted, Chunk, Error, Pong, Reply
-from dispatcher.writer import LineWriter, PeerGone
+from dispatcher.contract.protocol import Accepted, Chunk, Error, Pong, Reply
+from dispatcher.ingress.line_writer import LineWriter, PeerGone
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 PER_REQUEST_BUFFER = 256

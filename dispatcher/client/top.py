@@ -5,7 +5,7 @@ per answer: the providers (state, slots, rate tokens, queue, latency, success
 rate, 429s, circuit), the queue by class, and the totals with the throughput
 since the previous frame. ``--once`` prints a single frame and exits, for
 scripts, tests and the README. :func:`render_status` is a pure function of a
-:class:`~dispatcher.protocol.Status`, so it is tested without a terminal.
+:class:`~dispatcher.contract.protocol.Status`, so it is tested without a terminal.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from dispatcher.client import Client
-from dispatcher.config import ConfigError, find_config_path, load_config, socket_path
-from dispatcher.protocol import Error, ProviderStatus, Status
+from dispatcher.client.connection import Client
+from dispatcher.contract.config import ConfigError, find_config_path, load_config, socket_path
+from dispatcher.contract.protocol import Error, ProviderStatus, Status
 
 EXIT_FAILED: Final = 1
 DEFAULT_INTERVAL_S: Final = 1.0

@@ -35,8 +35,8 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from dispatcher.jobs import Job
-from dispatcher.protocol import ChatRequest, EmbedRequest, Error, JobRequest, Result
+from dispatcher.contract.protocol import ChatRequest, EmbedRequest, Error, JobRequest, Result
+from dispatcher.scheduler.job import Job
 
 log = structlog.get_logger("dispatcher.journal")
 

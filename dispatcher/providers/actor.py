@@ -10,7 +10,7 @@ one task per attempt. When ``run`` is cancelled or crashes, every attempt task
 reports "no outcome" on its way out, so the scheduler takes its job back.
 
 Error handling: aiohttp, OS and timeout exceptions are translated into
-:class:`~dispatcher.errors.UpstreamError` in :func:`translate`, the one place
+:class:`~dispatcher.contract.errors.UpstreamError` in :func:`translate`, the one place
 foreign exceptions become ours.
 """
 
@@ -26,14 +26,20 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from dispatcher import adapters
-from dispatcher.adapters import ChatAnswer, EmbedAnswer, RateLimitInfo
-from dispatcher.config import ProviderConfig
-from dispatcher.errors import UpstreamError, status_kind
-from dispatcher.jobs import Job
+from dispatcher.contract.config import ProviderConfig
+from dispatcher.contract.errors import UpstreamError, status_kind
+from dispatcher.contract.protocol import ChatRequest, Chunk, EmbedRequest, Usage
+from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.logs import redact_text
-from dispatcher.policy import ProviderLimits
-from dispatcher.protocol import ChatRequest, Chunk, EmbedRequest
+from dispatcher.providers import adapters, sse, wire
+from dispatcher.providers.headers import (
+    RateLimitInfo,
+    parse_error_message,
+    rate_limit_headers,
+    retry_after_seconds,
+)
+from dispatcher.providers.wire import ChatAnswer, EmbedAnswer
+from dispatcher.scheduler.job import Job
 
 log = structlog.get_logger("dispatcher.provider")
 
@@ -166,7 +172,7 @@ class ProviderActor:
                     outcome = Answer(answer, self._clock() - started, ratelimit)
                 except UpstreamError as exc:
                     outcome = exc
-                except (aiohttp.ClientError, OSError, adapters.AnswerFormatError) as exc:
+                except (aiohttp.ClientError, OSError, wire.AnswerFormatError) as exc:
                     outcome = translate(exc)
         except TimeoutError:
             outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
@@ -200,35 +206,35 @@ class ProviderActor:
         async with self._session.post(
             config.url, data=adapters.encode_body(body), headers=headers
         ) as response:
-            ratelimit = adapters.rate_limit_headers(response.headers)
+            ratelimit = rate_limit_headers(response.headers)
             if response.status != 200:
                 payload = await response.content.read(MAX_ERROR_BODY)
                 raise UpstreamError(
                     status_kind(response.status),
                     # upstreams sometimes quote the key back ("invalid key sk-..."): never pass it on
-                    redact_text(adapters.parse_error_message(payload)),
+                    redact_text(parse_error_message(payload)),
                     status=response.status,
-                    retry_after_s=adapters.retry_after_seconds(response.headers, time.time()),
+                    retry_after_s=retry_after_seconds(response.headers, time.time()),
                 )
             if isinstance(request, EmbedRequest):
-                answer = adapters.parse_embed_answer(config.adapter, await response.read())
+                answer = wire.parse_embed_answer(config.adapter, await response.read())
                 expected = 1 if isinstance(request.input, str) else len(request.input)
                 if len(answer.embeddings) != expected:
-                    raise adapters.AnswerFormatError(
+                    raise wire.AnswerFormatError(
                         f"asked for {expected} embeddings, got {len(answer.embeddings)}"
                     )
                 return answer, ratelimit
             if request.stream:
                 return await self._stream(job, request, response), ratelimit
-            return adapters.parse_chat_answer(config.adapter, await response.read()), ratelimit
+            return wire.parse_chat_answer(config.adapter, await response.read()), ratelimit
 
     async def _stream(
         self, job: Job, request: ChatRequest, response: aiohttp.ClientResponse
     ) -> ChatAnswer:
-        decoder = adapters.SSEDecoder(self.config.adapter)
+        decoder = sse.SSEDecoder(self.config.adapter)
         content: list[str] = []
         reasoning: list[str] = []
-        usage = adapters.Usage()
+        usage = Usage()
         model: str | None = None
         finish: str | None = None
         async for data in response.content.iter_any():
@@ -276,7 +282,7 @@ def translate(exc: BaseException) -> UpstreamError:
 
 def _translate(exc: BaseException) -> UpstreamError:
     match exc:
-        case adapters.AnswerFormatError():
+        case wire.AnswerFormatError():
             return UpstreamError("bad_answer", f"the answer was not usable: {exc}")
         case aiohttp.ClientConnectorError():
             return UpstreamError("connect", f"cannot connect ({exc.os_error.strerror or exc})")

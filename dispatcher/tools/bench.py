@@ -2,7 +2,7 @@
 
 Each scenario starts a fresh in-process :class:`~dispatcher.app.Daemon` in
 ``--simulate`` mode on a temporary socket, drives it with
-:class:`~dispatcher.client.Client` as any other program would, and reads the
+:class:`~dispatcher.client.connection.Client` as any other program would, and reads the
 fake providers' counters (:attr:`FakeProvider.stats`) for what the providers saw.
 
 * **burst**: N default-class jobs at once. Completed, upstream 429s, makespan,
@@ -45,14 +45,14 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from dispatcher.client import Client
-from dispatcher.config import ClassPolicy, Config, ConfigError, builtin_config, load_config
-from dispatcher.jobs import Job
-from dispatcher.protocol import Error, Reply, Result, Status
+from dispatcher.client.connection import Client
+from dispatcher.contract.config import ClassPolicy, Config, ConfigError, builtin_config, load_config
+from dispatcher.contract.protocol import Error, Reply, Result, Status
 
 if TYPE_CHECKING:  # the daemon (aiohttp and all) loads only when a benchmark runs
     from dispatcher.app import Daemon
-    from dispatcher.simulator import Simulator
+    from dispatcher.scheduler.job import Job
+    from dispatcher.testing.simulator import Simulator
 
 Scenario = Literal["burst", "priority", "fairness"]
 SCENARIOS: tuple[Scenario, ...] = ("burst", "priority", "fairness")

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import anyio
 import msgspec
 
+from dispatcher.contract.errors import DispatcherError, InternalError, UpstreamError
+from dispatcher.contract.protocol import Chunk, Error, JobRequest, JobState, Result, error_reply
 from dispatcher.core.admission import Admission, Kind
 from dispatcher.core.keys import request_digest
-from dispatcher.errors import DispatcherError, InternalError, UpstreamError
-from dispatcher.protocol import Chunk, Error, JobRequest, JobState, Result, error_reply
 
 ChunkSink = Callable[[Chunk], Awaitable[None]]
 DEFAULT_TIMEOUT_S = 600.0

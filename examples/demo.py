@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 
-from dispatcher.client import answers_ping
+from dispatcher.client.connection import answers_ping
 
 PROMPTS = [
     ("realtime", "What time zone is Shanghai in?"),

@@ -9,7 +9,7 @@ cut short, extra latency) or draw them at seeded random rates. :class:`Simulator
 runs the five SEED providers at once, latencies multiplied by a time scale; it backs
 ``dispatcher serve --simulate`` and the benchmarks. Their behaviours,
 :data:`SEED_BEHAVIOURS`, derive from the config's built-in table
-(:data:`dispatcher.config.BUILTIN_PROVIDERS`), so the two cannot drift apart.
+(:data:`dispatcher.contract.config.BUILTIN_PROVIDERS`), so the two cannot drift apart.
 
 Order of checks for every request: method and path (405/404), auth (401), body (400),
 scripted fault, else down, else random fault, then concurrency (429), requests per
@@ -42,7 +42,7 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from dispatcher.config import BUILTIN_PROVIDERS, ProviderConfig
+from dispatcher.contract.config import BUILTIN_PROVIDERS, ProviderConfig
 
 __all__ = [
     "SEED_BEHAVIOURS",

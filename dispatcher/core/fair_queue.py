@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterator
 
-from dispatcher.jobs import Job
+from dispatcher.scheduler.job import Job
 
 Level = tuple[int, int]
 

@@ -1,0 +1,1 @@
+"""The client side: the socket client, batch runs, the live view."""

@@ -1,0 +1,1 @@
+"""What users and operators see: the configuration, the built-in provider table, the wire protocol, the errors."""

@@ -1,0 +1,1 @@
+"""What outlives the process: the journal and the caches."""
