@@ -217,6 +217,22 @@ def test_client_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     assert "nobody.sock" in done.stderr
 
 
+@pytest.mark.parametrize("make", ["missing", "directory", "not-utf8"])
+def test_batch_on_an_unreadable_file_prints_one_line(tmp_path: Path, make: str) -> None:
+    """A missing, unreadable or non-UTF-8 input file gets one line saying so, and exit 2."""
+    path = tmp_path / "in.jsonl"
+    if make == "directory":
+        path.mkdir()
+    elif make == "not-utf8":
+        path.write_bytes(b"\xff\xfe{}\n")
+    done = run_cli("batch", str(path), "--socket", str(tmp_path / "nobody.sock"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(path) in lines[0]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_serve_cleanly(tmp_path: Path, signum: signal.Signals) -> None:
     """SIGTERM or SIGINT makes `serve` exit 0 and remove its socket file."""

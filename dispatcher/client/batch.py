@@ -26,6 +26,7 @@ import anyio
 import msgspec
 import stamina
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -136,7 +137,22 @@ def run_batch(
     task: str | None,
     console: Console,
 ) -> int:
-    lines = input_path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = input_path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        console.print(
+            f"[red]error:[/] cannot read {escape(str(input_path))} ({exc.strerror or exc}); "
+            "give the path of a JSONL file with one request per line",
+            highlight=False,
+        )
+        return 2
+    except UnicodeDecodeError:
+        console.print(
+            f"[red]error:[/] {escape(str(input_path))} is not UTF-8 text; "
+            "give a JSONL file with one request per line",
+            highlight=False,
+        )
+        return 2
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     partial = output_path.with_name(output_path.name + ".partial")
     done = load_partial(partial)
