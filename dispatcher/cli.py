@@ -375,7 +375,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(path)
     out.print(f"config: {path or 'built-in table (no file found)'}")
     table = Table(title="providers", title_justify="left")
-    for column in ("name", "kind", "adapter", "model", "slots", "rpm", "window", "thinking"):
+    columns = ("name", "kind", "adapter", "model", "slots", "rpm", "window", "thinking", "accepts")
+    for column in columns:
         table.add_column(column, no_wrap=column in ("name", "model", "rpm", "slots"))
     keys: list[str] = []
     problems = 0
@@ -391,6 +392,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             str(provider.rpm or "-"),
             f"{provider.context_window:,}",
             "yes" if provider.thinking else "no",
+            ", ".join(provider.capabilities) or "-",
         )
         state = "" if key.key is not None else " [yellow](provider disabled)[/]"
         keys.append(f"  {name}: {escape(key.masked())}{state}")

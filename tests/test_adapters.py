@@ -12,8 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from dispatcher.contract.protocol import Usage
-from dispatcher.providers.adapters import build_chat_body, build_embed_body, encode_body
+from dispatcher.contract.chat import CallAssembler
+from dispatcher.contract.protocol import ChatRequest, Usage
+from dispatcher.providers.adapters import build_chat_body, build_embed_body, encode_body, refusal
+from dispatcher.providers.adapters import chat_body as adapter_chat_body
 from dispatcher.providers.headers import (
     RateLimitInfo,
     parse_error_message,
@@ -694,3 +696,134 @@ def test_rate_limit_headers_garbage_counts() -> None:
     """Unreadable counts become None while readable fields are kept."""
     headers = {"x-ratelimit-limit-requests": "many", "x-ratelimit-remaining-requests": "3"}
     assert rate_limit_headers(headers) == RateLimitInfo(limit=None, remaining=3, reset_s=None)
+
+
+# -- agent fields: tools, JSON mode, sampling, extra -------------------------------------
+
+AGENT_REQUEST: dict[str, Any] = {
+    "id": "r",
+    "messages": MESSAGES,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "tool_choice": "auto",
+    "parallel_tool_calls": False,
+    "response_format": {"type": "json_object"},
+    "stop": "END",
+    "top_p": 0.5,
+    "seed": 3,
+    "presence_penalty": 0.1,
+    "frequency_penalty": 0.2,
+    "logit_bias": {"42": 5},
+    "user": "u",
+}
+
+
+def _request(**fields: Any) -> ChatRequest:
+    return msgspec.convert({**AGENT_REQUEST, **fields}, ChatRequest)
+
+
+@pytest.mark.parametrize("adapter", ["openai", "hunyuan", "nvidia"])
+def test_every_openai_field_reaches_the_body_as_sent(adapter: Any) -> None:
+    """Tools, JSON mode and every sampling field keep their OpenAI names and values."""
+    body = adapter_chat_body(adapter, model="m", request=_request())
+    for name, value in AGENT_REQUEST.items():
+        if name != "id":
+            assert body[name] == value, name
+
+
+def test_zhipu_names_the_end_user_user_id() -> None:
+    """Zhipu's API spells OpenAI's `user` as `user_id`."""
+    body = adapter_chat_body("zhipu", model="m", request=_request())
+    assert body["user_id"] == "u"
+    assert "user" not in body
+
+
+def test_extra_body_then_the_jobs_extra_are_merged_last() -> None:
+    """The provider's extra_body is merged in, and the job's own extra wins over it."""
+    body = adapter_chat_body(
+        "openai",
+        model="m",
+        request=_request(extra={"top_k": 5, "min_p": 0.1}),
+        extra_body={"top_k": 1, "enable_enhancement": False},
+    )
+    assert body["top_k"] == 5
+    assert body["min_p"] == 0.1
+    assert body["enable_enhancement"] is False
+
+
+def test_zhipu_refuses_a_forced_tool_and_names_the_field() -> None:
+    """Zhipu takes tool_choice 'auto' only; other adapters take every choice."""
+    forced = _request(tool_choice="required")
+    assert refusal("zhipu", forced) is not None
+    assert "tool_choice" in (refusal("zhipu", forced) or "")
+    assert refusal("zhipu", _request()) is None
+    assert refusal("nvidia", forced) is None
+
+
+def test_tool_calls_are_parsed_in_openai_form() -> None:
+    """A non-streamed answer's tool calls come back with ids; object arguments become JSON text."""
+    payload = msgspec.json.encode(
+        {
+            "choices": [
+                {
+                    "message": {
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": '{"a": 1}'},
+                            },
+                            {"function": {"name": "g", "arguments": {"b": 2}}},
+                        ],
+                    },
+                    "finish_reason": "tool_calls",
+                }
+            ]
+        }
+    )
+    answer = parse_chat_answer("openai", payload)
+    assert answer.finish_reason == "tool_calls"
+    assert answer.content == ""
+    assert answer.tool_calls is not None
+    first, second = answer.tool_calls
+    assert (first.id, first.function.name, first.function.arguments) == ("call_1", "f", '{"a": 1}')
+    assert second.id  # a call the provider sent without an id gets one
+    assert second.id != first.id
+    assert msgspec.json.decode(second.function.arguments) == {"b": 2}
+
+
+def test_streamed_tool_call_pieces_are_deltas_with_their_index() -> None:
+    """SSE tool-call pieces decode to deltas that reassemble into the whole call."""
+    lines = [
+        {
+            "choices": [
+                {
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_9",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": ""},
+                            }
+                        ]
+                    }
+                }
+            ]
+        },
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    data = b"".join(b"data: " + msgspec.json.encode(line) + b"\n\n" for line in lines)
+    deltas = SSEDecoder("openai").feed(data + b"data: [DONE]\n\n")
+    assembler = CallAssembler()
+    for delta in deltas:
+        for call in delta.tool_calls or ():
+            assembler.add(call)
+    assert deltas[-1].finish_reason == "tool_calls"
+    calls = assembler.calls()
+    assert calls is not None
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
+        ("call_9", "f", '{"a": 1}')
+    ]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
+from dispatcher.contract.chat import FunctionCall, ToolCall
 from dispatcher.contract.protocol import ChatRequest, Error, Result
 from dispatcher.store.cache import ResponseCache, cache_key
 from dispatcher.testing.simulator import Behaviour
@@ -15,14 +17,16 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_repeated_request_is_answered_from_the_cache(start_daemon: Any) -> None:
-    """The second identical request comes back cached, with no second upstream call."""
+    """The second identical deterministic request comes back cached, with no upstream call."""
     async with fakes(a=Behaviour(name="a")) as f:
         config = build_config({"a": provider_entry(f["a"])})
         async with start_daemon(config) as running, running.client() as client:
-            first = await client.call(chat("same question", max_tokens=50))
-            second = await client.call(chat("same question", max_tokens=50))
-            longer = await client.call(chat("same question", max_tokens=500))
-            fresh = await client.call(chat("same question", max_tokens=50, cache=False))
+            first = await client.call(chat("same question", max_tokens=50, temperature=0))
+            second = await client.call(chat("same question", max_tokens=50, temperature=0))
+            longer = await client.call(chat("same question", max_tokens=500, temperature=0))
+            fresh = await client.call(
+                chat("same question", max_tokens=50, temperature=0, cache=False)
+            )
     assert isinstance(first, Result)
     assert isinstance(second, Result)
     assert not first.cached
@@ -34,6 +38,58 @@ async def test_a_repeated_request_is_answered_from_the_cache(start_daemon: Any) 
     assert isinstance(fresh, Result)
     assert not fresh.cached
     assert f["a"].stats.requests == 3
+
+
+async def test_only_deterministic_chat_is_cached_unless_the_job_asks(start_daemon: Any) -> None:
+    """A sampled answer is not reused by default; a seed makes it reusable, cache: true too."""
+    async with fakes(a=Behaviour(name="a")) as f:
+        config = build_config({"a": provider_entry(f["a"])})
+        async with start_daemon(config) as running, running.client() as client:
+            sampled = [await client.call(chat("poem", temperature=1.0)) for _ in range(2)]
+            seeded = [await client.call(chat("poem", temperature=1.0, seed=1)) for _ in range(2)]
+            other_seed = await client.call(chat("poem", temperature=1.0, seed=2))
+            asked = [await client.call(chat("poem", temperature=1.0, cache=True)) for _ in range(2)]
+    replies = [*sampled, *seeded, other_seed, *asked]
+    assert all(isinstance(reply, Result) for reply in replies)
+    assert [getattr(reply, "cached", None) for reply in replies] == [
+        False,
+        False,
+        False,
+        True,
+        False,  # another seed is another answer
+        False,
+        True,
+    ]
+    assert f["a"].stats.requests == 5
+
+
+def test_every_field_that_shapes_an_answer_is_in_the_key() -> None:
+    """Requests that differ in any answer-shaping field get different cache keys."""
+    base = {"id": "r", "messages": [{"role": "user", "content": "q"}], "temperature": 0}
+    variants = [
+        {},
+        {"seed": 3},
+        {"stop": ["\n"]},
+        {"top_p": 0.5},
+        {"presence_penalty": 1.0},
+        {"frequency_penalty": 1.0},
+        {"logit_bias": {"50256": -100}},
+        {"user": "u1"},
+        {"extra": {"top_k": 5}},
+        {"response_format": {"type": "json_object"}},
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"max_tokens": 9},
+        {"thinking": True},
+        {"providers": ["a"]},
+    ]
+    keys = [
+        cache_key(msgspec.convert({**base, **variant}, ChatRequest), "default")
+        for variant in variants
+    ]
+    assert None not in keys
+    assert len(set(keys)) == len(variants)
+    same = msgspec.convert({**base, "id": "other", "priority": 5, "timeout_s": 9.0}, ChatRequest)
+    assert cache_key(same, "default") == keys[0]
 
 
 async def test_failures_are_not_cached(start_daemon: Any) -> None:
@@ -75,16 +131,13 @@ def test_cache_stays_under_its_byte_budget() -> None:
     assert cache.get("k0") is None
 
 
-def test_key_covers_what_shapes_the_answer() -> None:
-    """Temperature, max_tokens and thinking change the key; the request id does not."""
-    base = ChatRequest(id="1", messages=[{"role": "user", "content": "x"}])
-    assert cache_key(base, "default") == cache_key(
-        ChatRequest(id="2", messages=base.messages), "default"
-    )
-    for other in (
-        ChatRequest(id="1", messages=base.messages, temperature=0.3),
-        ChatRequest(id="1", messages=base.messages, max_tokens=9),
-        ChatRequest(id="1", messages=base.messages, thinking=True),
-    ):
-        assert cache_key(other, "default") != cache_key(base, "default")
-    assert cache_key(ChatRequest(id="1", messages=base.messages, stream=True), "default") is None
+def test_tool_call_arguments_count_against_the_byte_budget() -> None:
+    """A result whose size is in its tool-call arguments still keeps the cache in budget."""
+    cache = ResponseCache(ttl_s=60.0, max_bytes=5000)
+    call = ToolCall(id="c", function=FunctionCall(name="f", arguments="x" * 2000))
+    for i in range(5):
+        result = _result("")
+        result.tool_calls = [call]
+        cache.put(f"k{i}", result)
+    assert cache.bytes <= 5000
+    assert len(cache) <= 2

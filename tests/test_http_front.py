@@ -228,10 +228,10 @@ async def test_context_too_long_is_400_context_length_exceeded(start_daemon: Any
     assert caught.value.type == "invalid_request_error"
 
 
-async def test_upstream_failure_is_502_and_not_retried_when_final(start_daemon: Any) -> None:
-    """A job every provider refused is a 502 upstream_failed, in OpenAI's error body."""
+async def test_upstream_failure_is_502_and_retryable(start_daemon: Any) -> None:
+    """A job every provider failed with 5xx is a 502 upstream_failed the client may retry."""
     async with fakes(a=Behaviour(name="a"), e=Behaviour(name="e", kind="embed")) as f:
-        f["a"].script(Fault(kind="status", status=400))
+        f["a"].set_down(500)
         config = build_config(chat_and_embed(f))
         async with (
             start_daemon(config) as running,
@@ -244,7 +244,27 @@ async def test_upstream_failure_is_502_and_not_retried_when_final(start_daemon: 
                 )
     assert caught.value.status_code == 502
     assert caught.value.code == "upstream_failed"
+    assert caught.value.type == "api_error"
     assert caught.value.response.headers["x-should-retry"] == "true"
+
+
+async def test_upstream_refusal_is_400_and_not_retried(start_daemon: Any) -> None:
+    """A request the provider refused with 400 is a 400 the client must not retry."""
+    async with fakes(a=Behaviour(name="a"), e=Behaviour(name="e", kind="embed")) as f:
+        f["a"].script(Fault(kind="status", status=400))
+        config = build_config(chat_and_embed(f))
+        async with (
+            start_daemon(config) as running,
+            front(running) as base,
+            openai_client(base) as client,
+        ):
+            with pytest.raises(openai.BadRequestError) as caught:
+                await client.chat.completions.create(
+                    model="a", messages=[{"role": "user", "content": "hi"}]
+                )
+    assert caught.value.code == "upstream_failed"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert f["a"].stats.requests == 1
 
 
 async def test_streamed_failure_before_any_chunk_keeps_its_status(start_daemon: Any) -> None:
@@ -261,7 +281,8 @@ async def test_streamed_failure_before_any_chunk_keeps_its_status(start_daemon: 
                 await client.chat.completions.create(
                     model="a", messages=[{"role": "user", "content": "hi"}], stream=True
                 )
-    assert caught.value.status_code == 502
+    assert caught.value.status_code == 400
+    assert caught.value.response.headers["x-should-retry"] == "false"
 
 
 async def test_overloaded_is_429_with_retry_after(start_daemon: Any) -> None:

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from dispatcher.contract.config import ProviderConfig, RetryConfig, builtin_config
-from dispatcher.contract.errors import ContextTooLong, NoProvider, UpstreamError
+from dispatcher.contract.errors import (
+    ContextTooLong,
+    NoProvider,
+    UpstreamError,
+    UpstreamRejected,
+    status_kind,
+)
 from dispatcher.contract.protocol import ChatRequest
 from dispatcher.core.circuit import CircuitBreaker
 from dispatcher.core.classify import classify_chat
@@ -332,15 +338,27 @@ def test_retry_after_holds_the_job_off_that_provider_exactly() -> None:
     assert j.holds["a"] == 107.0
 
 
-def test_a_rejected_request_is_not_retried_on_that_provider() -> None:
-    """A 400 excludes the provider for this job; the job falls back to the next."""
+def test_a_rejected_request_is_final_and_not_retryable() -> None:
+    """A 400 ends the job at once, retryable false with the status: no resend, no fallback."""
     j = job(0)
     j.attempts = 1
     final = judge_failure(
-        j, "a", UpstreamError("rejected", "bad", status=400), 0.0, RETRY, random.Random(1)
+        j, "a", UpstreamError("rejected", "bad field", status=400), 0.0, RETRY, random.Random(1)
     )
-    assert final is None
-    assert j.candidates(RETRY.per_provider) == ["b"]
+    assert isinstance(final, UpstreamRejected)
+    assert final.code == "upstream_failed"
+    assert not final.retryable
+    assert final.upstream_status == 400
+    assert "bad field" in final.message
+
+
+def test_a_conflict_is_retried() -> None:
+    """A 409 is a passing conflict: the job is queued again after a backoff."""
+    j = job(0)
+    j.attempts = 1
+    error = UpstreamError(status_kind(409), "busy", status=409)
+    assert judge_failure(j, "a", error, 0.0, RETRY, random.Random(1)) is None
+    assert "a" in j.holds
 
 
 def test_the_final_error_names_every_provider_and_why() -> None:

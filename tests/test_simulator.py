@@ -439,16 +439,18 @@ async def test_simulator_runs_the_seed_providers_time_scaled(
         assert sim.urls == {}
     behaviours = {name: fake.behaviour for name, fake in sim.providers.items()}
     assert answer["choices"][0]["message"]["content"].startswith("[zhipu] glm-4-flash answers:")
-    expected = {  # model, latency at scale 1, concurrency, rpm, thinking
-        "zhipu": ("glm-4-flash", 1.03, 1, 0, True),
-        "hunyuan": ("hunyuan-lite", 1.20, 5, 0, False),
-        "nvidia1": ("z-ai/glm4.7", 7.17, 5, 40, True),
-        "nvidia2": ("z-ai/glm4.7", 2.68, 5, 40, True),
-        "siliconflow": ("BAAI/bge-large-zh-v1.5", 0.10, 0, 5, False),
+    agent = ("tools", "json_object")
+    expected = {  # model, latency at scale 1, concurrency, rpm, thinking, capabilities
+        "zhipu": ("glm-4-flash", 1.03, 1, 0, True, agent),
+        "hunyuan": ("hunyuan-lite", 1.20, 5, 0, False, ()),
+        "nvidia1": ("z-ai/glm4.7", 7.17, 5, 40, True, agent),
+        "nvidia2": ("z-ai/glm4.7", 2.68, 5, 40, True, agent),
+        "siliconflow": ("BAAI/bge-large-zh-v1.5", 0.10, 0, 5, False, ()),
     }
-    for name, (model, latency, concurrency, rpm, thinking) in expected.items():
+    for name, (model, latency, concurrency, rpm, thinking, capabilities) in expected.items():
         b = behaviours[name]
         assert (b.model, b.concurrency, b.rpm, b.thinking) == (model, concurrency, rpm, thinking)
+        assert b.capabilities == capabilities
         assert math.isclose(b.latency_s, latency * 0.01)
         assert b.window_s == 60.0
         assert b.api_key == "sk-sim"
@@ -458,8 +460,328 @@ async def test_simulator_runs_the_seed_providers_time_scaled(
     assert behaviours["siliconflow"].embed_dims == 1024
 
 
+# -- agent-grade chat: tools, tool results, JSON mode, capabilities -----------------
+
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "metric": {"type": "boolean"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "where": {
+                    "type": "object",
+                    "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+                    "required": ["lat"],
+                },
+                "note": {"type": "string"},
+            },
+            "required": ["city", "days", "metric", "unit", "tags", "where"],
+        },
+    },
+}
+WEATHER_ARGUMENTS = {
+    "city": "what",  # the first word of CHAT's last user message
+    "days": 1,
+    "metric": True,
+    "unit": "celsius",
+    "tags": [],
+    "where": {"lat": 1},
+}
+CLOCK: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string"}},
+            "required": ["zone"],
+        },
+    },
+}
+WITH_TOOLS: dict[str, Any] = {**CHAT, "tools": [WEATHER]}
+
+
+async def post_json(
+    session: aiohttp.ClientSession, url: str, body: object
+) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` and return the status and the decoded JSON answer."""
+    async with session.post(url, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def stream_chunks(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """POST ``body`` streamed; return its chunks, after checking the stream ends with [DONE]."""
+    async with session.post(url, json={**body, "stream": True}) as resp:
+        assert resp.status == 200
+        events = sse_events(await resp.text())
+    assert events[-1] == "[DONE]"
+    return [msgspec.json.decode(event) for event in events[:-1]]
+
+
+def assemble_calls(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Streamed tool-call deltas put back together, by index, in the plain answer's shape."""
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for delta in chunk["choices"][0]["delta"].get("tool_calls", []):
+            call = calls.setdefault(
+                delta["index"],
+                {"id": None, "type": None, "function": {"name": None, "arguments": ""}},
+            )
+            for key in ("id", "type"):
+                if key in delta:
+                    call[key] = delta[key]
+            function = delta.get("function", {})
+            if "name" in function:
+                call["function"]["name"] = function["name"]
+            call["function"]["arguments"] += function.get("arguments", "")
+    return calls
+
+
+@pytest.mark.anyio
+async def test_tools_are_answered_with_a_call_filling_the_required_arguments(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A request offering a tool gets a tool call whose arguments fill the schema's required fields."""
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        status, answer = await post_json(session, fake.url, WITH_TOOLS)
+    assert status == 200
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_")
+    assert call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert msgspec.json.decode(call["function"]["arguments"]) == WEATHER_ARGUMENTS
+    assert fake.stats.tool_requests == 1
+    assert fake.stats.bodies[-1]["tools"] == [WEATHER]
+
+
+@pytest.mark.anyio
+async def test_streamed_tool_call_reassembles_into_the_plain_call(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A streamed tool call is an id-and-name delta then argument pieces that join to the plain call."""
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        _, plain = await post_json(session, fake.url, WITH_TOOLS)
+        chunks = await stream_chunks(session, fake.url, WITH_TOOLS)
+    [plain_call] = plain["choices"][0]["message"]["tool_calls"]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+    assert deltas[0] == {"role": "assistant", "content": None}
+    pieces = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert pieces[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert pieces[0]["type"] == "function"
+    assert all(set(piece) == {"index", "function"} for piece in pieces[1:])
+    assert len(pieces) > 2
+    [call] = assemble_calls(chunks).values()
+    assert call["id"].startswith("call_")
+    assert call["id"] != plain_call["id"]  # every call has its own id
+    assert {**call, "id": None} == {**plain_call, "id": None}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    assert all(d.get("content") is None for d in deltas)
+
+
+@pytest.mark.anyio
+async def test_tool_result_turn_is_answered_with_text_quoting_the_result(
+    session: aiohttp.ClientSession,
+) -> None:
+    """When the last message is a tool result, the answer is text that includes it."""
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    body = {
+        **WITH_TOOLS,
+        "messages": [
+            *CHAT["messages"],
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+        ],
+    }
+    async with FakeProvider(Behaviour(name="p", model="m1")) as fake:
+        status, answer = await post_json(session, fake.url, body)
+    assert status == 200
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["content"] == "[p] m1 answers: the tool said sunny, 21 C"
+    assert "tool_calls" not in choice["message"]
+
+
+@pytest.mark.anyio
+async def test_two_tools_are_called_in_parallel_at_two_indexes(
+    session: aiohttp.ClientSession,
+) -> None:
+    """With two tools and parallel calls allowed, a stream calls both, at indexes 0 and 1."""
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        chunks = await stream_chunks(session, fake.url, {**CHAT, "tools": [WEATHER, CLOCK]})
+    calls = assemble_calls(chunks)
+    assert sorted(calls) == [0, 1]
+    assert [calls[i]["function"]["name"] for i in (0, 1)] == ["get_weather", "get_time"]
+    assert msgspec.json.decode(calls[1]["function"]["arguments"]) == {"zone": "what"}
+    assert calls[0]["id"] != calls[1]["id"]
+
+
+@pytest.mark.anyio
+async def test_parallel_tool_calls_false_calls_only_the_first_tool(
+    session: aiohttp.ClientSession,
+) -> None:
+    """parallel_tool_calls false makes the model call one tool, the first offered."""
+    body = {**CHAT, "tools": [WEATHER, CLOCK], "parallel_tool_calls": False}
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        _, answer = await post_json(session, fake.url, body)
+    calls = answer["choices"][0]["message"]["tool_calls"]
+    assert [call["function"]["name"] for call in calls] == ["get_weather"]
+
+
+@pytest.mark.anyio
+async def test_named_tool_choice_calls_that_tool_only(session: aiohttp.ClientSession) -> None:
+    """A tool_choice naming a function makes the model call that one and no other."""
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    body = {**CHAT, "tools": [WEATHER, CLOCK], "tool_choice": choice}
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        _, answer = await post_json(session, fake.url, body)
+    calls = answer["choices"][0]["message"]["tool_calls"]
+    assert [call["function"]["name"] for call in calls] == ["get_time"]
+    assert answer["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.anyio
+async def test_tool_choice_none_answers_with_text(session: aiohttp.ClientSession) -> None:
+    """tool_choice "none" makes the model answer with text although tools are offered."""
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        _, answer = await post_json(session, fake.url, {**WITH_TOOLS, "tool_choice": "none"})
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["content"].startswith("[p] fake-model answers: what is")
+    assert "tool_calls" not in choice["message"]
+    assert fake.stats.tool_requests == 1
+
+
+@pytest.mark.anyio
+async def test_json_object_content_is_a_json_object_plain_and_streamed(
+    session: aiohttp.ClientSession,
+) -> None:
+    """response_format json_object makes the content a JSON object, the same when streamed."""
+    body = {**CHAT, "response_format": {"type": "json_object"}}
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        _, answer = await post_json(session, fake.url, body)
+        chunks = await stream_chunks(session, fake.url, body)
+    content = answer["choices"][0]["message"]["content"]
+    assert msgspec.json.decode(content) == {
+        "answer": "[p] fake-model answers: what is the capital of France and why is it Paris"
+    }
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == content
+    assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) > 1
+    assert fake.stats.json_requests == 2
+
+
+@pytest.mark.anyio
+async def test_json_schema_content_is_an_instance_with_the_required_keys(
+    session: aiohttp.ClientSession,
+) -> None:
+    """response_format json_schema makes the content JSON holding every required key, typed as asked."""
+    schema = {
+        "type": "object",
+        "$defs": {"City": {"type": "object", "properties": {"name": {"type": "string"}}}},
+        "properties": {
+            "capital": {"type": "string", "minLength": 6},
+            "population": {"type": "integer", "minimum": 1000},
+            "city": {"$ref": "#/$defs/City"},
+            "sources": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "confidence": {"anyOf": [{"type": "null"}, {"type": "number", "maximum": 0.5}]},
+            "optional": {"type": "string"},
+        },
+        "required": ["capital", "population", "city", "sources", "confidence"],
+        "additionalProperties": False,
+    }
+    body = {
+        **CHAT,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": schema},
+        },
+    }
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        _, answer = await post_json(session, fake.url, body)
+    content = msgspec.json.decode(answer["choices"][0]["message"]["content"])
+    assert content == {
+        "capital": "whatxx",
+        "population": 1000,
+        "city": {},
+        "sources": ["what"],
+        "confidence": 0,
+    }
+    assert answer["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.anyio
+async def test_fake_without_tools_refuses_them_with_400_and_counts_them(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A fake lacking "tools" answers 400 to tools offered or tool turns, and counts both."""
+    tool_turn = {
+        **CHAT,
+        "messages": [
+            *CHAT["messages"],
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+    }
+    async with FakeProvider(Behaviour(name="p", capabilities=("json_object",))) as fake:
+        answers = [
+            await post_json(session, fake.url, body) for body in (WITH_TOOLS, tool_turn, CHAT)
+        ]
+    assert [status for status, _ in answers] == [400, 400, 200]
+    assert answers[0][1]["error"]["type"] == "invalid_request_error"
+    assert "tools" in answers[0][1]["error"]["message"]
+    assert (fake.stats.tool_requests, fake.stats.json_requests) == (2, 0)
+    assert (fake.stats.errors, fake.stats.ok) == (2, 1)
+
+
+@pytest.mark.anyio
+async def test_fake_without_json_schema_refuses_it_and_accepts_json_object(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A fake lacking "json_schema" answers that format 400, json_object 200, counting both."""
+    schema_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}}
+    async with FakeProvider(Behaviour(name="p", capabilities=("tools", "json_object"))) as fake:
+        status, error = await post_json(
+            session, fake.url, {**CHAT, "response_format": schema_format}
+        )
+        assert status == 400
+        body = {**CHAT, "response_format": {"type": "json_object"}}
+        assert (await post_json(session, fake.url, body))[0] == 200
+    assert error["error"]["type"] == "invalid_request_error"
+    assert "json_schema" in error["error"]["message"]
+    assert fake.stats.json_requests == 2
+
+
+@pytest.mark.anyio
+async def test_max_tokens_ends_a_stream_with_finish_reason_length(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A stream cut at max_tokens sends that many words and ends with finish_reason "length"."""
+    async with FakeProvider(Behaviour(name="p")) as fake:
+        chunks = await stream_chunks(session, fake.url, {**CHAT, "max_tokens": 5})
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert content.split() == ["[p]", "fake-model", "answers:", "what", "is"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 # What SEED_BEHAVIOURS held, written out by hand, before it was derived from the
 # config's built-in table: `dispatcher bench` results must not move.
+# capabilities came later, copied from the config's table as well.
 SEED_BEHAVIOURS_BEFORE_DERIVATION = {
     "zhipu": Behaviour(
         name="zhipu",
@@ -468,10 +790,17 @@ SEED_BEHAVIOURS_BEFORE_DERIVATION = {
         jitter=0.1,
         concurrency=1,
         thinking=True,
+        capabilities=("tools", "json_object"),
         seed=1,
     ),
     "hunyuan": Behaviour(
-        name="hunyuan", model="hunyuan-lite", latency_s=1.20, jitter=0.1, concurrency=5, seed=2
+        name="hunyuan",
+        model="hunyuan-lite",
+        latency_s=1.20,
+        jitter=0.1,
+        concurrency=5,
+        capabilities=(),
+        seed=2,
     ),
     "nvidia1": Behaviour(
         name="nvidia1",
@@ -481,6 +810,7 @@ SEED_BEHAVIOURS_BEFORE_DERIVATION = {
         concurrency=5,
         rpm=40,
         thinking=True,
+        capabilities=("tools", "json_object"),
         seed=3,
     ),
     "nvidia2": Behaviour(
@@ -491,6 +821,7 @@ SEED_BEHAVIOURS_BEFORE_DERIVATION = {
         concurrency=5,
         rpm=40,
         thinking=True,
+        capabilities=("tools", "json_object"),
         seed=4,
     ),
     "siliconflow": Behaviour(
@@ -502,6 +833,7 @@ SEED_BEHAVIOURS_BEFORE_DERIVATION = {
         rpm=5,
         daily_tokens=500_000,
         embed_dims=1024,
+        capabilities=(),
         seed=5,
     ),
 }

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
+from dispatcher.contract.chat import CAPABILITIES, Capability
+
 DEFAULT_CONFIG_PATH = Path("/etc/dispatcher/config.toml")
 DEFAULT_SOCKET = "/run/dispatcher/dispatcher.sock"
 TASK_CLASSES: tuple[str, ...] = ("realtime", "complex", "default", "bulk")
@@ -66,6 +68,10 @@ class ProviderConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     daily_tokens: NonNegative = 0
     latency_s: Seconds = 1.0
     enabled: bool = True
+    # What it accepts beyond plain chat: jobs that need one go only where it is.
+    capabilities: list[Capability] = msgspec.field(default_factory=list)
+    # Merged into every request body of this provider (a job's own `extra` wins).
+    extra_body: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class ClassPolicy(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -130,9 +136,14 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 # -- the built-in table (SEED.md) ----------------------------------------------------
 
+# NVIDIA's NIM serves z-ai/glm4.7 behind its OpenAI-compatible API, with tool calling and
+# response_format json_object; we do not rely on a json_schema mode there.
 BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
+    # glm-4-flash takes OpenAI-style function tools (tool_choice "auto" only, see the zhipu
+    # adapter) and response_format json_object; it has no json_schema mode.
     "zhipu": ProviderConfig(
         adapter="zhipu",
+        capabilities=["tools", "json_object"],
         url="https://open.bigmodel.cn/api/paas/v4/chat/completions",
         model="glm-4-flash",
         api_key_env="ZHIPU_API_KEY",
@@ -142,6 +153,8 @@ BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
         thinking=True,
         latency_s=1.03,
     ),
+    # hunyuan-lite has neither function calling nor a JSON mode (Tencent offers those on
+    # hunyuan-functioncall and the larger models): plain chat only.
     "hunyuan": ProviderConfig(
         adapter="hunyuan",
         url="https://api.hunyuan.cloud.tencent.com/v1/chat/completions",
@@ -154,6 +167,7 @@ BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
     ),
     "nvidia1": ProviderConfig(
         adapter="nvidia",
+        capabilities=["tools", "json_object"],
         url="https://integrate.api.nvidia.com/v1/chat/completions",
         model="z-ai/glm4.7",
         api_key_env="NVIDIA1_API_KEY",
@@ -166,6 +180,7 @@ BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
     ),
     "nvidia2": ProviderConfig(
         adapter="nvidia",
+        capabilities=["tools", "json_object"],
         url="https://integrate.api.nvidia.com/v1/chat/completions",
         model="z-ai/glm4.7",
         api_key_env="NVIDIA2_API_KEY",
@@ -290,6 +305,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": ("capacity", "weighted"),
     "log_level": ("debug", "info", "warning", "error"),
     "synchronous": ("normal", "full"),
+    "capabilities": CAPABILITIES,
 }
 
 

@@ -78,6 +78,12 @@ class QuotaExhausted(DispatcherError):
     retryable = True
 
 
+class LargerThanQuota(QuotaExhausted):
+    """The job alone needs more than the whole quota: waiting cannot help."""
+
+    retryable = False
+
+
 class Timeout(DispatcherError):
     code: ErrorCode = "timeout"
     retryable = True
@@ -94,6 +100,16 @@ class UpstreamFailed(DispatcherError):
     retryable = True
 
 
+class UpstreamRejected(UpstreamFailed):
+    """The provider refused the request itself (a 4xx): the same request would fail again."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+
+
 class InternalError(DispatcherError):
     code: ErrorCode = "internal"
     retryable = True
@@ -108,7 +124,8 @@ UpstreamKind = Literal[
     "timeout",  # no answer in time
     "connect",  # refused, reset, DNS: the provider is unreachable
     "auth",  # 401/403: the key is wrong
-    "rejected",  # 400/404/413/422: our request is wrong for it
+    "rejected",  # 400/404/413/422 and other 4xx: the request is wrong for it
+    "conflict",  # 409: a passing conflict upstream
     "bad_answer",  # 200 with a body that is not an answer
     "stream_broken",  # failed after chunks were forwarded
 ]
@@ -144,6 +161,8 @@ def status_kind(status: int) -> UpstreamKind:
         return "rate_limited"
     if status in (401, 403):
         return "auth"
+    if status == 409:
+        return "conflict"
     if status == 408 or status >= 500:
         return "server" if status != 408 else "timeout"
     return "rejected"

@@ -12,6 +12,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from dispatcher.contract.chat import (
+    Message,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 from dispatcher.contract.errors import ClientError, DispatcherError, ErrorCode
 
 TaskClass = Literal["realtime", "bulk", "complex", "default"]
@@ -21,6 +29,7 @@ MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TimeoutS = Annotated[float, msgspec.Meta(gt=0.0, le=86_400.0)]
 Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
@@ -34,18 +43,34 @@ class _Submit(_Request, kw_only=True):
     providers: list[str] | None = None
     priority: Priority = 0
     timeout_s: TimeoutS | None = None
-    cache: bool = True
+    # None: the default rule (embeddings and deterministic chat are cached); True or
+    # False: the job's own choice.
+    cache: bool | None = None
     key: Id | None = None
     detach: bool = False
 
 
 class ChatRequest(_Submit, tag="chat", kw_only=True):
-    messages: list[dict[str, Any]]
+    """A chat job. The OpenAI fields keep OpenAI's names and reach the provider as sent."""
+
+    messages: list[dict[str, Any]]  # passed on as sent; checked against chat.Message
     task: TaskClass | None = None
     thinking: bool = False
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     stream: bool = False
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[int, msgspec.Meta(ge=-100, le=100)]] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    extra: dict[str, Any] | None = None  # provider body fields passed through as-is
 
 
 class EmbedRequest(_Submit, tag="embed", kw_only=True):
@@ -111,6 +136,7 @@ class Accepted(_Reply, tag="accepted"):
 class Chunk(_Reply, tag="chunk"):
     delta: str = ""
     reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class Result(_Reply, tag="result"):
@@ -121,10 +147,11 @@ class Result(_Reply, tag="result"):
     content: str | None = None
     embeddings: list[list[float]] | None = None
     reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None
     usage: Usage = msgspec.field(default_factory=Usage)
     latency_ms: float = 0.0
     attempts: int = 0
-    finish_reason: str | None = None  # the upstream's: "stop", "length", ...
+    finish_reason: str | None = None  # the upstream's: stop, length, tool_calls, content_filter
     # None only before it is set: the daemon always sends true or false (omit_defaults
     # leaves out fields equal to their default, and a client must always see this one).
     cached: bool | None = None
@@ -195,6 +222,7 @@ class Error(_Reply, tag="error"):
     retryable: bool | None = None  # always sent, like Result.cached
     job: str | None = None
     retry_after_s: float | None = None
+    upstream_status: int | None = None  # the provider's HTTP status, when it refused the job
 
 
 Reply = Accepted | Chunk | Result | Status | Pong | Pending | Error | Health
@@ -208,6 +236,7 @@ def error_reply(request_id: str | None, exc: DispatcherError, job: str | None = 
         retryable=exc.retryable,
         job=job,
         retry_after_s=exc.retry_after_s,
+        upstream_status=getattr(exc, "upstream_status", None),
     )
 
 
@@ -297,18 +326,8 @@ def _check(request: Request) -> None:
                     request_id=request.id,
                 )
             for i, message in enumerate(messages):
-                role = message.get("role")
-                if not isinstance(role, str) or not role:
-                    raise RequestError(
-                        f"messages[{i}] has no 'role'; use system, user, assistant or tool",
-                        request_id=request.id,
-                    )
-                content = message.get("content")
-                if content is not None and not isinstance(content, str | list):
-                    raise RequestError(
-                        f"messages[{i}].content must be a string or a list of parts",
-                        request_id=request.id,
-                    )
+                _check_message(i, message, request.id)
+            _check_tools(request)
             if request.providers is not None and not request.providers:
                 raise RequestError(
                     "'providers' is an empty list; leave it out or name at least one provider",
@@ -323,3 +342,67 @@ def _check(request: Request) -> None:
                 )
         case _:
             pass
+
+
+def _check_message(i: int, message: dict[str, Any], request_id: str) -> None:
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise RequestError(
+            f"messages[{i}] has no 'role'; use system, user, assistant or tool",
+            request_id=request_id,
+        )
+    content = message.get("content")
+    if content is not None and not isinstance(content, str | list):
+        raise RequestError(
+            f"messages[{i}].content must be a string or a list of parts", request_id=request_id
+        )
+    try:
+        shaped = msgspec.convert(message, Message)
+    except msgspec.ValidationError as exc:
+        match = re.match(r"(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", str(exc))
+        what, path = (match["what"], match["path"]) if match else (str(exc), None)
+        where = f"messages[{i}].{path}" if path else f"messages[{i}]"
+        raise RequestError(f"{where}: {_lower(what)}", request_id=request_id) from None
+    if shaped.role == "tool" and not shaped.tool_call_id:
+        raise RequestError(
+            f"messages[{i}] is a tool result without 'tool_call_id'; "
+            "give the id of the assistant's tool call it answers",
+            request_id=request_id,
+        )
+
+
+def _check_tools(request: ChatRequest) -> None:
+    tools = request.tools or []
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise RequestError(
+            "two tools have the same function name; give each tool its own name",
+            request_id=request.id,
+        )
+    choice = request.tool_choice
+    if choice is not None and choice != "none" and not tools:
+        raise RequestError(
+            "'tool_choice' is set but there are no 'tools'; send the tools with the request",
+            request_id=request.id,
+        )
+    if not isinstance(choice, str) and choice is not None and choice.function.name not in names:
+        raise RequestError(
+            f"'tool_choice' names {choice.function.name!r}, which is not among the tools "
+            f"({', '.join(names)})",
+            request_id=request.id,
+        )
+    reserved = sorted(set(request.extra or {}) & RESERVED_BODY_FIELDS)
+    if reserved:
+        raise RequestError(
+            f"'extra' may not set {', '.join(reserved)}: the daemon owns those fields; "
+            "use the request's own fields instead",
+            request_id=request.id,
+        )
+
+
+# Body fields the daemon itself sets; `extra` and extra_body may not override them.
+RESERVED_BODY_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]

@@ -9,14 +9,21 @@ only sizes a request (a finished job rebuilt from the journal).
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from dispatcher.contract.config import Config
 from dispatcher.contract.errors import Overloaded
 from dispatcher.contract.protocol import EmbedRequest, JobRequest
-from dispatcher.core.classify import check_quota, classify_chat, classify_embed, weighted_pick
+from dispatcher.core.classify import (
+    Refusal,
+    check_quota,
+    classify_chat,
+    classify_embed,
+    needed_capabilities,
+    weighted_pick,
+)
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.core.tokens import estimate_messages, estimate_text
 
@@ -53,10 +60,11 @@ def admit(
     limits: Mapping[str, ProviderLimits],
     now: float,
     rng: random.Random,
+    refusal: Callable[[str, JobRequest], str | None] | None = None,
 ) -> Admission:
     """The job as the daemon will hold it, or the error that says why it is refused."""
     check_room(size, room, config)
-    return route(request, config=config, limits=limits, now=now, rng=rng)
+    return route(request, config=config, limits=limits, now=now, rng=rng, refusal=refusal)
 
 
 def check_room(size: int, room: Room, config: Config) -> None:
@@ -85,8 +93,13 @@ def route(
     limits: Mapping[str, ProviderLimits],
     now: float,
     rng: random.Random,
+    refusal: Callable[[str, JobRequest], str | None] | None = None,
 ) -> Admission:
-    """Classify the job and pick the providers it may use; no cap is checked."""
+    """Classify the job and pick the providers it may use; no cap is checked.
+
+    ``refusal(provider, request)`` says why a provider's API would refuse the
+    request as it is (the providers' adapters know); None: nothing is refused.
+    """
     if isinstance(request, EmbedRequest):
         described = describe(request)
         eligible = classify_embed(request.providers, config, limits)
@@ -101,6 +114,8 @@ def route(
         max_tokens=request.max_tokens,
         config=config,
         limits=limits,
+        needs=needed_capabilities(request),
+        refusal=_bound(refusal, request),
     )
     pick = None
     policy = config.classes.get(klass)
@@ -108,6 +123,14 @@ def route(
         pick = weighted_pick(policy, eligible, rng)
     check_quota(eligible, limits, tokens, now)
     return Admission("chat", klass, tokens, eligible, pick)
+
+
+def _bound(
+    refusal: Callable[[str, JobRequest], str | None] | None, request: JobRequest
+) -> Refusal | None:
+    if refusal is None:
+        return None
+    return lambda provider: refusal(provider, request)
 
 
 def describe(request: JobRequest) -> Admission:

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
+from dispatcher.contract.chat import JsonObjectFormat, JsonSchemaFormat
 from dispatcher.contract.config import ClassPolicy, Config
-from dispatcher.contract.errors import ContextTooLong, NoProvider, QuotaExhausted
+from dispatcher.contract.errors import ContextTooLong, LargerThanQuota, NoProvider, QuotaExhausted
+from dispatcher.contract.protocol import ChatRequest
 from dispatcher.core.provider_state import ProviderLimits
+
+# Why a provider cannot take this job as it is (a field its API refuses), or None.
+Refusal = Callable[[str], str | None]
+
+
+def needed_capabilities(request: ChatRequest) -> frozenset[str]:
+    """What a provider must accept beyond plain chat to take this job."""
+    needs: set[str] = set()
+    if request.tools or any(
+        message.get("role") == "tool" or message.get("tool_calls") for message in request.messages
+    ):
+        needs.add("tools")  # a provider without function calling refuses tool turns too
+    match request.response_format:
+        case JsonObjectFormat():
+            needs.add("json_object")
+        case JsonSchemaFormat():
+            needs.add("json_schema")
+    return frozenset(needs)
 
 
 def classify_chat(
@@ -19,8 +39,14 @@ def classify_chat(
     max_tokens: int | None,
     config: Config,
     limits: Mapping[str, ProviderLimits],
+    needs: Collection[str] = (),
+    refusal: Refusal | None = None,
 ) -> tuple[str, tuple[str, ...]]:
-    """The job's class and the providers it may use, best first; or the client error why none."""
+    """The job's class and the providers it may use, best first; or the client error why none.
+
+    ``needs`` are the capabilities the job requires; ``refusal`` says why a
+    provider's API would refuse the job as it is (a per-adapter quirk).
+    """
     klass = task or ("complex" if thinking else "default")
     policy: ClassPolicy | None = config.classes.get(klass)
     if pins:
@@ -52,6 +78,14 @@ def classify_chat(
                 f"no enabled provider of class {klass!r} supports thinking; "
                 "drop 'thinking' or pin a provider that has it"
             )
+    if needs:
+        enabled = _capable(enabled, needs, klass, pinned=bool(pins), config=config, limits=limits)
+    if refusal is not None:
+        accepted = [p for p in enabled if refusal(p) is None]
+        if not accepted:
+            reasons = "; ".join(f"{p}: {refusal(p)}" for p in enabled)
+            raise NoProvider(f"no provider can take this request as it is ({reasons})")
+        enabled = accepted
     needed = prompt_tokens + (max_tokens or 0)
     fitting = tuple(p for p in enabled if config.providers[p].context_window >= needed)
     if not fitting:
@@ -62,6 +96,37 @@ def classify_chat(
             f"{', '.join(enabled)} is {window:,} ({largest}); shorten the prompt"
         )
     return klass, fitting
+
+
+def _capable(
+    enabled: list[str],
+    needs: Collection[str],
+    klass: str,
+    *,
+    pinned: bool,
+    config: Config,
+    limits: Mapping[str, ProviderLimits],
+) -> list[str]:
+    """The providers that accept every needed capability, or NoProvider naming what is missing."""
+    capable = [p for p in enabled if set(needs) <= set(config.providers[p].capabilities)]
+    if capable:
+        return capable
+    wanted = " and ".join(sorted(needs))
+    having = [
+        name
+        for name, provider in config.providers.items()
+        if set(needs) <= set(provider.capabilities) and name in limits and limits[name].enabled
+    ]
+    where = "the pinned providers" if pinned else f"class {klass!r}"
+    if having:
+        raise NoProvider(
+            f"this job needs {wanted}, which no provider of {where} ({', '.join(enabled)}) "
+            f"accepts; {', '.join(having)} would: pin one with 'providers'"
+        )
+    raise NoProvider(
+        f"this job needs {wanted}, which no enabled provider declares; add it to the "
+        "capabilities of a provider that supports it (or enable one that does)"
+    )
 
 
 def classify_embed(
@@ -84,6 +149,14 @@ def check_quota(
     """QuotaExhausted when no eligible provider has ``tokens`` left of its daily quota."""
     if any(limits[name].fits_today(tokens, now) for name in eligible):
         return
+    budgets = [limits[name].daily for name in eligible]
+    if all(budget is not None and tokens > budget.limit for budget in budgets):
+        largest = max(budget.limit for budget in budgets if budget is not None)
+        raise LargerThanQuota(
+            f"the job needs about {tokens:,} tokens, more than the whole daily quota of "
+            f"{', '.join(eligible)} ({largest:,} tokens): it can never fit; split it into "
+            "smaller jobs"
+        )
     soonest = min(eligible, key=lambda n: _frees_at(limits[n], tokens, now))
     wait = _frees_at(limits[soonest], tokens, now) - now
     raise QuotaExhausted(

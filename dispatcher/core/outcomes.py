@@ -15,7 +15,8 @@ The rule, in one place:
 - 401/403 takes the provider out; the job falls back.
 - 5xx, timeouts, resets and unusable answers retry here after a jittered backoff and
   count against the provider's circuit.
-- Any other 4xx is final for that provider: the job falls back, never resends it there.
+- Any other 4xx (not 408, 409 or 429) is final: the provider refused the request itself,
+  and sending it again, there or elsewhere, would spend quota to fail the same way.
 - A failure after chunks reached the client is final: a stream cannot be replayed.
 - At most ``retry.per_provider`` attempts per provider and ``retry.max_attempts`` in
   all, never past the job's deadline; an actor that dies holding a job gives it back
@@ -36,6 +37,7 @@ from dispatcher.contract.errors import (
     UpstreamError,
     UpstreamFailed,
     UpstreamKind,
+    UpstreamRejected,
 )
 from dispatcher.core.provider_state import ProviderLimits
 
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
 MAX_HANDBACKS = 2  # an actor died holding the job this often: the job is poison
 RETRYABLE_KINDS: frozenset[UpstreamKind] = frozenset(
-    {"rate_limited", "server", "timeout", "connect", "bad_answer"}
+    {"rate_limited", "server", "timeout", "connect", "bad_answer", "conflict"}
 )
 # Failures that say the provider itself is sick: the circuit breaker's input.
 SICK_KINDS: frozenset[UpstreamKind] = frozenset({"server", "timeout", "connect", "bad_answer"})
@@ -189,6 +191,14 @@ def _next_step(
     job.history.append((provider, error))
     if error.kind == "stream_broken":
         return Final(_broken_stream(provider, error.short()))
+    if error.kind == "rejected":
+        return Final(
+            UpstreamRejected(
+                f"{provider} refused the request ({error.short()}); sending it again "
+                "unchanged will fail the same way: fix the request",
+                upstream_status=error.status,
+            )
+        )
     count = job.failures[provider] = job.failures.get(provider, 0) + 1
     if not is_retryable(error) or count >= retry.per_provider:
         job.excluded.add(provider)

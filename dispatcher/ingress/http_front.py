@@ -6,6 +6,14 @@ socket, mapped onto the same scheduler as the NDJSON socket. The ``model`` names
 the route: ``dispatcher/<class>`` (realtime, bulk, complex, default) for a chat
 class, ``dispatcher/embed`` for embeddings, or a provider's own name to pin it.
 
+Agents get OpenAI's whole chat surface: tools and tool turns, ``response_format``
+(json_object, json_schema), the sampling fields, and provider fields sent through
+the SDK's ``extra_body`` (``top_k``, ``repetition_penalty``...), all passed on;
+what the daemon cannot honour (``n`` > 1, logprobs, audio, legacy ``functions``)
+is refused with a 400 that says what to send instead (see ``openai_wire``).
+Answers carry ``tool_calls`` and the provider's own ``finish_reason``, streamed
+piece by piece as OpenAI streams them.
+
 Resource handling: one aiohttp runner per front; each request is one aiohttp
 handler task that submits its job and waits for its one answer. When the client
 goes away the handler is cancelled (``handler_cancellation``) and the job is
@@ -15,7 +23,8 @@ after ``WRITE_TIMEOUT_S`` instead of holding a provider slot.
 
 Error handling: every failure leaves as OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}`` with a fitting status and an
-``x-should-retry`` header the official clients obey. No authentication: the front
+``x-should-retry`` header the official clients obey; a request the provider refused
+(its 4xx) is the client's 4xx with ``x-should-retry: false``. No authentication: the front
 is for local programs; an ``Authorization`` header is accepted, ignored and never
 logged (there is no access log at all; jobs are logged by the scheduler).
 """
@@ -51,20 +60,23 @@ from dispatcher.contract.protocol import (
 from dispatcher.ingress.openai_errors import (
     UnknownModel,
     dumps,
-    error_body,
+    error_body_for,
     openai_errors,
     response_for_error,
 )
 from dispatcher.ingress.openai_wire import (
     DONE_EVENT,
     chat_payload,
+    chunk_delta,
     chunk_event,
     completion_body,
     embed_payload,
     embeddings_body,
+    finish_reason,
     model_list,
     route_chat,
     route_embed,
+    whole_delta,
 )
 from dispatcher.ingress.web import WebService
 from dispatcher.scheduler.job import Job
@@ -264,13 +276,7 @@ class SseStream:
         """Called from the provider actor's task for each delta; a dead reader cancels the job."""
         if self.gone:
             return
-        delta: dict[str, Any] = {}
-        if self.chunks == 0:
-            delta["role"] = "assistant"
-        if chunk.reasoning:
-            delta["reasoning_content"] = chunk.reasoning
-        if chunk.delta or not chunk.reasoning:
-            delta["content"] = chunk.delta
+        delta = chunk_delta(chunk, first=self.chunks == 0)
         await self._write(chunk_event(self.completion_id, self.created, self._model(), delta))
         self.chunks += 1
 
@@ -297,15 +303,14 @@ class SseStream:
         if not isinstance(outcome, Result):
             if not self.response.prepared:
                 return response_for_error(outcome, job=self.job.id if self.job else None)
-            await self._write(b"data: " + _encoder.encode(_error_event(outcome)) + b"\n\n")
+            await self._write(b"data: " + _encoder.encode(error_body_for(outcome)) + b"\n\n")
             return self.response
-        if self.chunks == 0 and (outcome.content or outcome.reasoning):
-            delta: dict[str, Any] = {"role": "assistant", "content": outcome.content or ""}
-            if outcome.reasoning:
-                delta["reasoning_content"] = outcome.reasoning
-            await self._write(chunk_event(self.completion_id, self.created, outcome.model, delta))
+        whole = whole_delta(outcome) if self.chunks == 0 else None
+        if whole is not None:
+            await self._write(chunk_event(self.completion_id, self.created, outcome.model, whole))
+        finish = finish_reason(outcome)
         events = [
-            chunk_event(self.completion_id, self.created, outcome.model, {}, finish_reason="stop")
+            chunk_event(self.completion_id, self.created, outcome.model, {}, finish_reason=finish)
         ]
         if include_usage:
             usage = msgspec.to_builtins(outcome.usage)
@@ -317,14 +322,6 @@ class SseStream:
             with contextlib.suppress(OSError):
                 await self.response.write_eof()
         return self.response
-
-
-def _error_event(error: Error) -> dict[str, Any]:
-    return error_body(
-        error.code,
-        error.message,
-        openai_code="context_length_exceeded" if error.code == "context_too_long" else None,
-    )
 
 
 def final_answer(job: Job) -> Result | Error:

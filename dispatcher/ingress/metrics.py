@@ -1,6 +1,6 @@
 """Prometheus metrics: counters fed by the scheduler, gauges read from its status at scrape time.
 
-:class:`Metrics` is a scheduler :class:`~dispatcher.scheduler.Observer`: every
+:class:`Metrics` is a scheduler :class:`~dispatcher.scheduler.handles.Observer`: every
 upstream attempt and every final answer bumps a counter or a histogram.
 :class:`StatusCollector` reads :meth:`Scheduler.status` when Prometheus scrapes,
 so the gauges (queue depth, slots, tokens, circuit state) are never stale and

@@ -53,18 +53,45 @@ class UnknownModel(NoProvider):
     """The ``model`` names neither a class of ours nor a provider (OpenAI's 404 model_not_found)."""
 
 
+def shape_for(error: DispatcherError | Error) -> _Shape:
+    """The status, type and code an error leaves with.
+
+    A provider that refused the request itself (``upstream_failed``, not retryable) is
+    the client's to fix, as OpenAI's own 400 would be: the upstream's 4xx status (400
+    when it had none), ``invalid_request_error``, and no retry.
+    """
+    if isinstance(error, UnknownModel):
+        return _Shape(404, "invalid_request_error", "model_not_found")
+    if error.code == "upstream_failed" and not error.retryable:
+        status = getattr(error, "upstream_status", None)
+        if not (isinstance(status, int) and 400 <= status < 500):
+            status = 400
+        return _Shape(status, "invalid_request_error", "upstream_failed")
+    return ERROR_SHAPES.get(error.code, ERROR_SHAPES["internal"])
+
+
 def error_body(
-    code: ErrorCode | str, message: str, *, openai_code: str | None = None
+    code: ErrorCode | str,
+    message: str,
+    *,
+    openai_code: str | None = None,
+    openai_type: str | None = None,
 ) -> dict[str, Any]:
     shape = ERROR_SHAPES.get(code, ERROR_SHAPES["internal"])
     return {
         "error": {
             "message": message,
-            "type": shape.type,
+            "type": openai_type or shape.type,
             "param": None,
             "code": openai_code or shape.code,
         }
     }
+
+
+def error_body_for(error: DispatcherError | Error) -> dict[str, Any]:
+    """The error body of ``error``, e.g. for a ``data:`` event once a stream has begun."""
+    shape = shape_for(error)
+    return error_body(error.code, error.message, openai_code=shape.code, openai_type=shape.type)
 
 
 def error_response(
@@ -75,6 +102,7 @@ def error_response(
     retry_after_s: float | None = None,
     status: int | None = None,
     openai_code: str | None = None,
+    openai_type: str | None = None,
     job: str | None = None,
 ) -> web.Response:
     """One error as OpenAI's body, status, ``Retry-After`` and ``x-should-retry``."""
@@ -87,7 +115,7 @@ def error_response(
         headers["x-request-id"] = job
     status = status or shape.status
     return web.json_response(
-        error_body(code, message, openai_code=openai_code),
+        error_body(code, message, openai_code=openai_code, openai_type=openai_type),
         status=status,
         reason="Client Closed Request" if status == 499 else None,  # nginx's name for it
         headers=headers,
@@ -96,15 +124,15 @@ def error_response(
 
 
 def response_for_error(error: DispatcherError | Error, *, job: str | None = None) -> web.Response:
-    if isinstance(error, UnknownModel):
-        return error_response(
-            error.code, error.message, status=404, openai_code="model_not_found", job=job
-        )
+    shape = shape_for(error)
     return error_response(
         error.code,
         error.message,
         retryable=bool(error.retryable),
         retry_after_s=error.retry_after_s,
+        status=shape.status,
+        openai_code=shape.code,
+        openai_type=shape.type,
         job=job,
     )
 

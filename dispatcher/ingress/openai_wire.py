@@ -11,10 +11,9 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from dispatcher.contract.chat import FunctionCallDelta, ToolCallDelta
 from dispatcher.contract.errors import ClientError
-from dispatcher.contract.protocol import (
-    Result,
-)
+from dispatcher.contract.protocol import Chunk, Result
 from dispatcher.ingress.openai_errors import UnknownModel
 from dispatcher.scheduler.loop import Scheduler
 
@@ -116,8 +115,18 @@ def model_list(scheduler: Scheduler, *, created: int) -> list[dict[str, Any]]:
 
 
 def completion_body(result: Result, *, created: int) -> dict[str, Any]:
-    """A ``chat.completion`` object for a finished chat job."""
-    message: dict[str, Any] = {"role": "assistant", "content": result.content or ""}
+    """A ``chat.completion`` object for a finished chat job.
+
+    A model that only called tools has ``content: null`` and ``message.tool_calls``,
+    as OpenAI answers; ``finish_reason`` is the provider's own.
+    """
+    calls = [msgspec.to_builtins(call) for call in result.tool_calls or ()]
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": None if calls and not result.content else result.content or "",
+    }
+    if calls:
+        message["tool_calls"] = calls
     if result.reasoning:
         message["reasoning_content"] = result.reasoning
     return {
@@ -129,13 +138,53 @@ def completion_body(result: Result, *, created: int) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": message,
-                "finish_reason": result.finish_reason or "stop",
+                "finish_reason": finish_reason(result),
                 "logprobs": None,
             }
         ],
         "usage": msgspec.to_builtins(result.usage),
         "dispatcher": _extension(result),
     }
+
+
+def finish_reason(result: Result) -> str:
+    """The provider's finish_reason; one that reported none ended with calls or a stop."""
+    return result.finish_reason or ("tool_calls" if result.tool_calls else "stop")
+
+
+def chunk_delta(chunk: Chunk, *, first: bool) -> dict[str, Any]:
+    """The ``delta`` of one streamed chunk, with tool call pieces exactly as OpenAI streams them.
+
+    The first piece of each call carries ``index``, ``id``, ``type`` and
+    ``function.name``; the pieces after it carry ``index`` and argument text only.
+    """
+    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+    if chunk.reasoning:
+        delta["reasoning_content"] = chunk.reasoning
+    if chunk.tool_calls:
+        if chunk.delta or first:
+            delta["content"] = chunk.delta or None
+        delta["tool_calls"] = msgspec.to_builtins(chunk.tool_calls)
+    elif chunk.delta or not chunk.reasoning:
+        delta["content"] = chunk.delta
+    return delta
+
+
+def whole_delta(result: Result) -> dict[str, Any] | None:
+    """The one delta of a stream whose answer came with no chunk before it: all of it at once."""
+    if not (result.content or result.reasoning or result.tool_calls):
+        return None
+    calls = [
+        ToolCallDelta(
+            index=index,
+            id=call.id,
+            type="function",
+            function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments),
+        )
+        for index, call in enumerate(result.tool_calls or ())
+    ]
+    chunk = Chunk(delta=result.content or "", reasoning=result.reasoning, tool_calls=calls or None)
+    return chunk_delta(chunk, first=True)
 
 
 def embeddings_body(result: Result, *, encoding: str) -> dict[str, Any]:
@@ -200,24 +249,58 @@ DONE_EVENT: Final = b"data: [DONE]\n\n"
 
 # -- mapping OpenAI bodies onto our requests --------------------------------------------
 
+# OpenAI chat fields the `chat` op takes under the same name (validated there, sent on as is).
+PASSED_FIELDS: Final = (
+    "temperature",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "stop",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+)
+# Fields the front reads itself: the route, the stream, the token limit, thinking, and the
+# OpenAI options it honours only in their default form (refused otherwise, see below).
+HANDLED_FIELDS: Final = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "reasoning_effort",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "modalities",
+        "store",
+        "functions",
+        "function_call",
+        "audio",
+        "prediction",
+        "web_search_options",
+    }
+)
+# Ours, for clients that send them through the SDK's ``extra_body``.
+OWN_FIELDS: Final = frozenset({"priority", "timeout_s", "cache", "thinking"})
+
 
 def chat_payload(body: Mapping[str, Any], route: Route, request_id: str) -> dict[str, Any]:
-    """The ``chat`` request for an OpenAI chat body; refuses what we would silently get wrong."""
-    n = body.get("n")
-    if n not in (None, 1):
-        raise ClientError("n must be 1: the dispatcher returns one choice per request")
-    if body.get("tools") or body.get("functions"):
-        raise ClientError("tools and functions are not supported by the dispatcher's front")
-    response_format = body.get("response_format")
-    if isinstance(response_format, Mapping) and response_format.get("type") not in (None, "text"):
-        raise ClientError(
-            "response_format other than text is not supported; ask for JSON in the prompt"
-        )
-    if body.get("logprobs"):
-        raise ClientError("logprobs are not supported by the dispatcher's front")
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_completion_tokens")
+    """The ``chat`` request for an OpenAI chat body: every field mapped, passed on or refused.
+
+    OpenAI's fields map onto the op's own (:data:`PASSED_FIELDS`, the token limit,
+    ``reasoning_effort`` and ``thinking`` onto ``thinking``); :data:`OWN_FIELDS` are
+    the daemon's extensions; any other non-null key (``top_k``, ``repetition_penalty``,
+    ``min_p``, ...) goes to the provider as it is, in ``extra``. What the daemon cannot
+    honour is refused with a message saying what to send instead; nothing is dropped.
+    """
+    _refuse_unsupported(body)
     payload: dict[str, Any] = {
         "op": "chat",
         "id": request_id,
@@ -225,18 +308,93 @@ def chat_payload(body: Mapping[str, Any], route: Route, request_id: str) -> dict
         "thinking": wants_thinking(body),
         "stream": body.get("stream") or False,
     }
-    optional = {
+    optional: dict[str, Any] = {
         "task": route.task,
         "providers": route.providers,
-        "max_tokens": max_tokens,
-        "temperature": body.get("temperature"),
-        # non-standard, for clients that pass them through extra_body
+        "max_tokens": _max_tokens(body),
+        **{name: body.get(name) for name in PASSED_FIELDS},
         "priority": body.get("priority"),
         "timeout_s": body.get("timeout_s"),
         "cache": body.get("cache"),
     }
+    extra = {
+        key: value
+        for key, value in body.items()
+        if key not in HANDLED_FIELDS
+        and key not in OWN_FIELDS
+        and key not in PASSED_FIELDS
+        and value is not None
+    }
+    optional["extra"] = extra or None
     payload.update({key: value for key, value in optional.items() if value is not None})
     return payload
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    """Refuse, with what to do instead, the OpenAI options the daemon cannot honour."""
+    n = body.get("n")
+    if n not in (None, 1):
+        raise ClientError(
+            f"n is {n!r}, but the dispatcher returns one choice per request; "
+            "leave n out (or 1) and send several requests"
+        )
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        raise ClientError(
+            "functions and function_call are OpenAI's deprecated form; send the functions as "
+            "tools=[{'type': 'function', 'function': {...}}] and use tool_choice"
+        )
+    if body.get("logprobs") or body.get("top_logprobs") is not None:
+        raise ClientError(
+            "logprobs and top_logprobs are not available through the dispatcher; leave them out"
+        )
+    modalities = body.get("modalities")
+    if body.get("audio") is not None or (modalities is not None and modalities != ["text"]):
+        raise ClientError(
+            "audio output is not available through the dispatcher; leave out audio and "
+            "modalities (or send modalities=['text'])"
+        )
+    for name in ("prediction", "web_search_options"):
+        if body.get(name) is not None:
+            raise ClientError(
+                f"{name} is an OpenAI-only feature the dispatcher's providers lack; leave it out"
+            )
+    if body.get("store"):
+        raise ClientError(
+            "store is OpenAI's stored completions; the dispatcher keeps none: leave store out"
+        )
+    tools = body.get("tools")
+    for index, tool in enumerate(tools if isinstance(tools, list) else ()):
+        kind = tool.get("type") if isinstance(tool, Mapping) else None
+        if kind != "function":
+            raise ClientError(
+                f"tools[{index}] has type {kind!r}; only function tools are supported: "
+                "send {'type': 'function', 'function': {'name', 'description', 'parameters'}}"
+            )
+    response_format = body.get("response_format")
+    if isinstance(response_format, Mapping) and response_format.get("type") not in _FORMATS:
+        raise ClientError(
+            f"response_format has type {response_format.get('type')!r}; "
+            f"use one of {', '.join(_FORMATS)}"
+        )
+    choice = body.get("tool_choice")
+    if isinstance(choice, Mapping) and choice.get("type") != "function":
+        raise ClientError(
+            f"tool_choice of type {choice.get('type')!r} is not supported; send 'none', "
+            "'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+        )
+
+
+_FORMATS: Final = ("text", "json_object", "json_schema")
+
+
+def _max_tokens(body: Mapping[str, Any]) -> Any:
+    """``max_tokens`` or its newer name ``max_completion_tokens``; both must then agree."""
+    old, new = body.get("max_tokens"), body.get("max_completion_tokens")
+    if old is not None and new is not None and old != new:
+        raise ClientError(
+            f"max_tokens ({old!r}) and max_completion_tokens ({new!r}) disagree; send one of them"
+        )
+    return new if new is not None else old
 
 
 def wants_thinking(body: Mapping[str, Any]) -> bool:

@@ -26,6 +26,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from dispatcher.contract.chat import CallAssembler
 from dispatcher.contract.config import ProviderConfig
 from dispatcher.contract.errors import UpstreamError, status_kind
 from dispatcher.contract.protocol import ChatRequest, Chunk, EmbedRequest, Usage
@@ -177,8 +178,6 @@ class ProviderActor:
         except TimeoutError:
             outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
         finally:
-            if isinstance(outcome, UpstreamError) and job.streamed:
-                outcome = UpstreamError("stream_broken", outcome.short())
             self._scopes.pop(job.id, None)
             self._report(job, self.name, outcome)
 
@@ -190,15 +189,10 @@ class ProviderActor:
         if isinstance(request, EmbedRequest):
             inputs = [request.input] if isinstance(request.input, str) else request.input
             body = adapters.build_embed_body(config.adapter, model=config.model, inputs=inputs)
+            body.update(config.extra_body)
         else:
-            body = adapters.build_chat_body(
-                config.adapter,
-                model=config.model,
-                messages=request.messages,
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                stream=request.stream,
-                thinking=request.thinking,
+            body = adapters.chat_body(
+                config.adapter, model=config.model, request=request, extra_body=config.extra_body
             )
         headers = {"Content-Type": "application/json"}
         if self._key:
@@ -237,13 +231,16 @@ class ProviderActor:
         usage = Usage()
         model: str | None = None
         finish: str | None = None
+        calls = CallAssembler()
         async for data in response.content.iter_any():
             for delta in decoder.feed(data):
                 if delta.usage is not None:
                     usage = delta.usage
                 model = delta.model or model
                 finish = delta.finish_reason or finish
-                if delta.content or delta.reasoning:
+                for call in delta.tool_calls or ():
+                    calls.add(call)
+                if delta.content or delta.reasoning or delta.tool_calls:
                     content.append(delta.content)
                     reasoning.append(delta.reasoning)
                     # Set before the sink's await: a sink cancelled mid-write may still
@@ -255,6 +252,7 @@ class ProviderActor:
                                 id=request.id,
                                 delta=delta.content,
                                 reasoning=delta.reasoning or None,
+                                tool_calls=delta.tool_calls,
                             )
                         )
             if decoder.done:
@@ -270,6 +268,7 @@ class ProviderActor:
             usage=usage,
             model=model,
             finish_reason=finish,
+            tool_calls=calls.calls(),
         )
 
 

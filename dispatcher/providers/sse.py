@@ -18,6 +18,7 @@ from dispatcher.providers.wire import (
     _reasoning,
     _usage,
     require_adapter,
+    tool_call_deltas,
 )
 
 # One SSE line larger than this means the upstream is not speaking SSE at all.
@@ -125,15 +126,17 @@ class SSEDecoder:
             raise AnswerFormatError(f"stream carries an error: {parse_error_message(value)}")
         content = reasoning = ""
         finish_reason = None
+        calls = None
         if chunk.choices:
             choice = chunk.choices[0]
             part = choice.delta or choice.message
             if part is not None:
                 content = part.content or ""
                 reasoning = _reasoning(part)
+                calls = tool_call_deltas(part.tool_calls)
             finish_reason = _finish_reason(choice.finish_reason)
         usage = _usage(chunk.usage) if chunk.usage is not None else None
-        if not (content or reasoning or usage or finish_reason):
+        if not (content or reasoning or usage or finish_reason or calls):
             return None
         return StreamDelta(
             content=content,
@@ -141,4 +144,5 @@ class SSEDecoder:
             usage=usage,
             finish_reason=finish_reason,
             model=chunk.model,
+            tool_calls=calls,
         )

@@ -14,6 +14,7 @@ from typing import Any, Final, TypeVar, get_args
 
 import msgspec
 
+from dispatcher.contract.chat import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 from dispatcher.contract.config import AdapterName
 from dispatcher.contract.protocol import Usage
 from dispatcher.providers.headers import parse_error_message
@@ -38,6 +39,7 @@ class ChatAnswer(msgspec.Struct, kw_only=True):
     usage: Usage
     model: str | None
     finish_reason: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class StreamDelta(msgspec.Struct, kw_only=True):
@@ -52,6 +54,7 @@ class StreamDelta(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
     finish_reason: str | None = None
     model: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class EmbedAnswer(msgspec.Struct, kw_only=True):
@@ -77,10 +80,24 @@ class _WireUsage(msgspec.Struct):
     total_tokens: int | None = None
 
 
+class _WireFunction(msgspec.Struct):
+    name: str | None = None
+    # JSON text in OpenAI's API; a few providers send the object itself.
+    arguments: str | dict[str, Any] | None = None
+
+
+class _WireToolCall(msgspec.Struct):
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: _WireFunction | None = None
+
+
 class _WireMessage(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[_WireToolCall] | None = None
 
 
 class _WireChoice(msgspec.Struct):
@@ -157,6 +174,54 @@ def _finish_reason(value: str | None) -> str | None:
     return value or None
 
 
+def _arguments(function: _WireFunction | None) -> str | None:
+    if function is None or function.arguments is None:
+        return None
+    if isinstance(function.arguments, dict):
+        return _encoder.encode(function.arguments).decode()
+    return function.arguments
+
+
+def _tool_calls(wire: list[_WireToolCall] | None) -> list[ToolCall] | None:
+    """Complete calls in OpenAI's form; an id a provider left out is made up from the index."""
+    if not wire:
+        return None
+    calls = []
+    for position, call in enumerate(wire):
+        name = call.function.name if call.function is not None else None
+        if not name:
+            raise AnswerFormatError(f"tool call {position} has no function name")
+        calls.append(
+            ToolCall(
+                id=call.id or f"call_d{position}",  # a provider that sent no id
+                function=FunctionCall(name=name, arguments=_arguments(call.function) or ""),
+            )
+        )
+    return calls
+
+
+def tool_call_deltas(wire: list[_WireToolCall] | None) -> list[ToolCallDelta] | None:
+    """Streamed call pieces in OpenAI's form; a piece with no index is the n-th call."""
+    if not wire:
+        return None
+    deltas = []
+    for position, call in enumerate(wire):
+        function = call.function
+        name = function.name if function is not None else None
+        arguments = _arguments(function)
+        deltas.append(
+            ToolCallDelta(
+                index=call.index if call.index is not None else position,
+                id=call.id,
+                type="function" if call.id or call.type else None,
+                function=FunctionCallDelta(name=name, arguments=arguments)
+                if name is not None or arguments is not None
+                else None,
+            )
+        )
+    return deltas
+
+
 def _decode_answer(decoder: msgspec.json.Decoder[_T], payload: bytes, what: str) -> _T:
     try:
         return decoder.decode(payload)
@@ -189,6 +254,7 @@ def parse_chat_answer(adapter: AdapterName, payload: bytes) -> ChatAnswer:
         usage=_usage(wire.usage),
         model=wire.model,
         finish_reason=_finish_reason(choice.finish_reason),
+        tool_calls=_tool_calls(choice.message.tool_calls),
     )
 
 

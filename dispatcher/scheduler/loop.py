@@ -28,7 +28,6 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 import anyio
 import structlog
@@ -41,8 +40,10 @@ from dispatcher.core import admission, hedging, keys, outcomes
 from dispatcher.core.fair_queue import FairQueue
 from dispatcher.core.plan import EXPIRY_SCAN, plan
 from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.providers import adapters
 from dispatcher.providers.actor import Outcome
 from dispatcher.scheduler import hedges, probe, replay, results, status, verdicts
+from dispatcher.scheduler.handles import Observer, ProviderHandle
 from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
 from dispatcher.store.cache import ResponseCache, cache_key
@@ -62,25 +63,6 @@ class KnownJob(Exception):
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id)
         self.job_id = job_id
-
-
-class Observer(Protocol):
-    """Something that wants to hear about every attempt and every final answer (metrics)."""
-
-    def on_attempt(self, provider: str, outcome: str, latency_s: float) -> None: ...
-
-    def on_job_done(self, job: Job, outcome: Result | DispatcherError) -> None: ...
-
-
-class ProviderHandle(Protocol):
-    """What the scheduler needs of a provider actor (tests use fakes of it)."""
-
-    name: str
-    limits: ProviderLimits
-
-    def deliver(self, job: Job) -> bool: ...
-
-    def cancel(self, job_id: str) -> None: ...
 
 
 class Scheduler:
@@ -171,6 +153,7 @@ class Scheduler:
             limits=self.limits,
             now=now,
             rng=self.rng,
+            refusal=adapters.refusals(self.config.providers),
         )
         return self.accept(request, admitted, client=client, uid=uid, on_chunk=on_chunk, size=size)
 

@@ -8,6 +8,7 @@ import anyio
 
 from dispatcher.contract.errors import DispatcherError
 from dispatcher.core import admission
+from dispatcher.providers import adapters
 from dispatcher.scheduler.job import Job
 from dispatcher.store.journal import StoredJob
 
@@ -28,6 +29,7 @@ def restore(scheduler: Scheduler, stored: StoredJob) -> None:
             limits=scheduler.limits,
             now=scheduler.clock(),
             rng=scheduler.rng,
+            refusal=adapters.refusals(scheduler.config.providers),
         )
     except DispatcherError as exc:
         job = rebuild(scheduler, stored, client="replay")

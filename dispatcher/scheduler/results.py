@@ -27,6 +27,7 @@ def build(job: Job, provider: str, limits: ProviderLimits, answer: Answer, now: 
         result.content = getattr(body, "content", "")
         result.reasoning = getattr(body, "reasoning", None)
         result.finish_reason = getattr(body, "finish_reason", None)
+        result.tool_calls = getattr(body, "tool_calls", None)
     else:
         result.embeddings = getattr(body, "embeddings", [])
     return result

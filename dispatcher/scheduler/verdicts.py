@@ -28,6 +28,7 @@ def after_outcome(
         for observer in scheduler.observers:
             observer.on_attempt(provider, "ok", outcome.latency_s)
     elif outcome is not None:
+        outcome = outcomes.after_stream(outcome, streamed=job.streamed)
         for observer in scheduler.observers:
             observer.on_attempt(provider, outcome.kind, max(0.0, now - started))
         if outcome.kind == "timeout":

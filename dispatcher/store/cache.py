@@ -1,10 +1,17 @@
 """The response cache: successful answers kept for ``ttl_s``, bounded by bytes, LRU.
 
-The key is everything that shapes an answer: the kind, the messages or inputs,
-max_tokens, temperature, thinking, the task class and any pinned providers
-(the seed's cache keyed only provider and prompt, so a 10-token answer came
-back for a 2,000-token request). Failures are never cached. Streamed requests
-are not served from the cache: their client wants chunks as they are made.
+The key is everything that shapes an answer: the whole request but the fields
+that only say how to deliver it (id, key, detach, priority, timeout_s, cache),
+and the task class. So messages, max_tokens, temperature, thinking, tools,
+tool_choice, response_format, seed, stop, the penalties, extra and any pinned
+providers all count (the seed's cache keyed only provider and prompt, so a
+10-token answer came back for a 2,000-token request).
+
+What is cached: embeddings, and chat answers that are deterministic
+(``temperature = 0``, or a ``seed``); any other chat job only when it asks
+with ``cache: true``, since a second sample is a different answer. ``cache: false``
+never touches it. Failures are never cached. Streamed requests are not served
+from the cache: their client wants chunks as they are made.
 """
 
 from __future__ import annotations
@@ -16,48 +23,41 @@ from collections.abc import Callable
 
 import msgspec
 
-from dispatcher.contract.protocol import ChatRequest, EmbedRequest, JobRequest, Result
+from dispatcher.contract.protocol import EmbedRequest, JobRequest, Result
 
 _encoder = msgspec.json.Encoder(order="deterministic")
 
 
 class CacheKey(msgspec.Struct, frozen=True, array_like=True):
-    kind: str
     klass: str
-    providers: list[str] | None
-    body: str | list[str] | list[dict[str, object]]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    thinking: bool = False
+    request: JobRequest
 
 
 def cache_key(request: JobRequest, klass: str) -> str | None:
     """The request's cache key, or None when it must not be served from the cache."""
-    if not request.cache:
+    if request.cache is False or not cacheable(request):
         return None
-    key: CacheKey
-    if isinstance(request, ChatRequest):
-        if request.stream:
-            return None
-        key = CacheKey(
-            kind="chat",
-            klass=klass,
-            providers=request.providers,
-            body=request.messages,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            thinking=request.thinking,
-        )
-    else:
-        assert isinstance(request, EmbedRequest)
-        key = CacheKey(kind="embed", klass=klass, providers=request.providers, body=request.input)
-    return hashlib.sha256(_encoder.encode(key)).hexdigest()
+    shaping = msgspec.structs.replace(
+        request, id="-", key=None, detach=False, priority=0, timeout_s=None, cache=None
+    )
+    return hashlib.sha256(_encoder.encode(CacheKey(klass, shaping))).hexdigest()
+
+
+def cacheable(request: JobRequest) -> bool:
+    """Whether the answer may be reused: asked for, or the same request gives the same answer."""
+    if isinstance(request, EmbedRequest):
+        return True
+    if request.stream:
+        return False
+    return request.cache is True or request.temperature == 0 or request.seed is not None
 
 
 def _size(result: Result) -> int:
     size = 256 + len(result.content or "") + len(result.reasoning or "")
     if result.embeddings:
         size += sum(len(vector) for vector in result.embeddings) * 8
+    for call in result.tool_calls or ():
+        size += 64 + len(call.id) + len(call.function.name) + len(call.function.arguments)
     return size
 
 

@@ -4,15 +4,20 @@ Each :class:`FakeProvider` behaves like one free-tier provider of SEED.md: it an
 chat completions (plain or streamed as SSE) or embeddings in the OpenAI wire format,
 sleeps its service time while holding a concurrency slot, and enforces its hard
 limits (concurrency, requests per sliding window, tokens per day) by answering 429
-with ``Retry-After``. Tests script faults (an error status, a hang, a reset, a stream
+with ``Retry-After``. A chat fake speaks the agent-grade parts of the wire too: it
+answers ``tools`` with tool calls (plain, or streamed as OpenAI streams them, index by
+index), a ``role: "tool"`` result with text that quotes it, and ``response_format``
+json_object / json_schema with JSON content; a fake whose :attr:`Behaviour.capabilities`
+lacks one of these answers a request needing it with 400, as a provider without the
+feature does. Tests script faults (an error status, a hang, a reset, a stream
 cut short, extra latency) or draw them at seeded random rates. :class:`Simulator`
 runs the five SEED providers at once, latencies multiplied by a time scale; it backs
 ``dispatcher serve --simulate`` and the benchmarks. Their behaviours,
 :data:`SEED_BEHAVIOURS`, derive from the config's built-in table
 (:data:`dispatcher.contract.config.BUILTIN_PROVIDERS`), so the two cannot drift apart.
 
-Order of checks for every request: method and path (405/404), auth (401), body (400),
-scripted fault, else down, else random fault, then concurrency (429), requests per
+Order of checks for every request: method and path (405/404), auth (401), body and
+capabilities (400), scripted fault, else down, else random fault, then concurrency (429), requests per
 window (429), tokens per day (429), then the answer. A request that gets 429 does not
 count toward the window nor spend tokens.
 
@@ -42,6 +47,7 @@ import anyio
 import msgspec
 from aiohttp import web
 
+from dispatcher.contract.chat import CAPABILITIES, Capability
 from dispatcher.contract.config import BUILTIN_PROVIDERS, ProviderConfig
 
 __all__ = [
@@ -65,6 +71,9 @@ KEEP_LAST: Final = 1000
 DAY_S: Final = 86_400.0
 _SHUTDOWN_TIMEOUT_S: Final = 5.0
 _WORDS_PER_CHUNK: Final = 4
+_JSON_PIECES: Final = 3
+"""How many pieces a streamed JSON text (tool arguments, JSON content) is cut into."""
+_MAX_SCHEMA_DEPTH: Final = 32
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()
@@ -93,6 +102,9 @@ class Behaviour(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """If set, a request without ``Authorization: Bearer <api_key>`` gets 401."""
     stream_chunk_interval_s: float = 0.0
     """Delay between SSE chunks; 0 spreads ``latency_s`` over the chunks."""
+    capabilities: tuple[Capability, ...] = CAPABILITIES
+    """What a chat fake accepts beyond plain chat ("tools", "json_object", "json_schema");
+    a request that needs anything else gets 400. The default accepts everything."""
     embed_dims: int = 1024
     seed: int = 0
 
@@ -131,6 +143,11 @@ class ProviderStats:
     """Highest ``in_flight`` seen: how much concurrency the clients offered."""
     serving: int = 0
     """Requests admitted and holding a concurrency slot now."""
+    tool_requests: int = 0
+    """Chat requests received that use tools (``tools``, or ``tool_calls`` / role "tool"
+    messages), refused or not."""
+    json_requests: int = 0
+    """Chat requests received with a ``response_format`` other than text, refused or not."""
     bodies: list[dict[str, Any]] = field(default_factory=list)
     """Decoded JSON object bodies received (the last :data:`KEEP_LAST`)."""
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -148,6 +165,8 @@ _CJK_RE: Final = re.compile(
     "\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]"
 )
 _PIECE_RE: Final = re.compile(r"(?<=\s)(?=\S)")
+_WORD_RE: Final = re.compile(r"[^\W_]+")
+_FUNCTION_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def estimate_tokens(text: str) -> int:
@@ -192,6 +211,213 @@ def _thinking_requested(body: Mapping[str, Any]) -> bool:
         return True
     kwargs = body.get("chat_template_kwargs")
     return isinstance(kwargs, dict) and bool(kwargs.get("enable_thinking"))
+
+
+def _uses_tools(body: Mapping[str, Any]) -> bool:
+    """Whether a chat body needs tool support: tools offered, or tool turns in the messages."""
+    if body.get("tools") is not None:
+        return True
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages
+    )
+
+
+def _json_format(body: Mapping[str, Any]) -> str | None:
+    """The ``response_format`` type asked for when it is not plain text, else None."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    return None if kind == "text" else str(kind)
+
+
+def _first_word(text: str) -> str:
+    """The first word of ``text`` (letters and digits), or "x" when it has none."""
+    match = _WORD_RE.search(text)
+    return match.group() if match else "x"
+
+
+def _split_even(text: str, parts: int = _JSON_PIECES) -> list[str]:
+    """Cut ``text`` into at most ``parts`` non-empty pieces of about equal length."""
+    size = max(1, math.ceil(len(text) / parts))
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _resolve_ref(root: Mapping[str, Any], ref: str) -> object:
+    """The subschema a local ``$ref`` ("#/$defs/Name") points at; {} when it cannot."""
+    if not ref.startswith("#"):
+        return {}
+    node: object = root
+    for part in ref[1:].split("/")[1:]:
+        key = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or key not in node:
+            return {}
+        node = node[key]
+    return node
+
+
+def _schema_instance(
+    schema: object,
+    word: str,
+    root: Mapping[str, Any],
+    *,
+    untyped: str = "string",
+    depth: int = 0,
+) -> Any:
+    """A deterministic minimal instance of a JSON Schema.
+
+    Only required properties are filled: strings get ``word``, integers and numbers 1
+    (moved inside minimum/maximum), booleans true, arrays ``minItems`` copies of their
+    item (so usually []), enums and consts their first value; ``$ref`` (local),
+    ``anyOf``/``oneOf``/``allOf`` follow their first non-null branch. A schema without
+    a type is an object when it has properties, else ``untyped``. Formats and patterns
+    are not honoured: the fake proves shapes, not content.
+    """
+    if not isinstance(schema, dict) or depth > _MAX_SCHEMA_DEPTH:
+        return word if untyped == "string" else {}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        return _schema_instance(
+            _resolve_ref(root, ref), word, root, untyped=untyped, depth=depth + 1
+        )
+    if "const" in schema:
+        return schema["const"]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
+    for combinator in ("anyOf", "oneOf", "allOf"):
+        branches = schema.get(combinator)
+        if isinstance(branches, list) and branches:
+            typed = [b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")]
+            branch = (typed or branches)[0]
+            return _schema_instance(branch, word, root, untyped=untyped, depth=depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), kind[0] if kind else None)
+    if kind is None:
+        kind = "object" if "properties" in schema or "required" in schema else untyped
+    match kind:
+        case "object":
+            properties = schema.get("properties")
+            properties = properties if isinstance(properties, dict) else {}
+            required = schema.get("required")
+            names = (
+                [n for n in required if isinstance(n, str)] if isinstance(required, list) else []
+            )
+            return {
+                name: _schema_instance(properties.get(name, {}), word, root, depth=depth + 1)
+                for name in names
+            }
+        case "array":
+            count = schema.get("minItems")
+            count = count if type(count) is int and count > 0 else 0
+            item = _schema_instance(schema.get("items", {}), word, root, depth=depth + 1)
+            return [item] * count
+        case "integer" | "number":
+            value = 1
+            if isinstance(schema.get("minimum"), int | float):
+                value = max(value, math.ceil(schema["minimum"]))
+            if isinstance(schema.get("exclusiveMinimum"), int | float):
+                value = max(value, math.floor(schema["exclusiveMinimum"]) + 1)
+            if isinstance(schema.get("maximum"), int | float):
+                value = min(value, math.floor(schema["maximum"]))
+            return value
+        case "boolean":
+            return True
+        case "null":
+            return None
+        case _:
+            text = word
+            if type(schema.get("minLength")) is int:
+                text = text.ljust(schema["minLength"], "x")
+            if type(schema.get("maxLength")) is int:
+                text = text[: schema["maxLength"]]
+            return text
+
+
+def _tools_to_call(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``function`` entries of the tools a chat body makes the model call, in order.
+
+    None when ``tool_choice`` is "none" or the last message is a tool result (the model
+    answers it with text); the named one when ``tool_choice`` names one; else the first
+    two when parallel calls are allowed (the default) and two or more are offered, else
+    the first.
+    """
+    functions = [tool["function"] for tool in body.get("tools") or ()]
+    choice = body.get("tool_choice")
+    if not functions or choice == "none" or body["messages"][-1].get("role") == "tool":
+        return []
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        return [f for f in functions if f["name"] == name][:1]
+    parallel = body.get("parallel_tool_calls") is not False
+    return functions[: 2 if parallel else 1]
+
+
+def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
+    """The contents of the tool results that end ``messages``, in order."""
+    results: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.append(_message_text(message.get("content")))
+    return results[::-1]
+
+
+def _chat_extras_problem(body: Mapping[str, Any]) -> str | None:
+    """Why the tools, tool turns or response_format of a chat body are malformed, or None."""
+    tools = body.get("tools")
+    names: list[str] = []
+    if tools is not None:
+        if not isinstance(tools, list) or not tools:
+            return "tools must be a non-empty list"
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if (
+                not isinstance(tool, dict)
+                or tool.get("type") != "function"
+                or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str)
+                or not _FUNCTION_NAME_RE.fullmatch(function["name"])
+            ):
+                return "every tool must be {type: function, function: {name: ...}}"
+            if not isinstance(function.get("parameters", {}), dict | None):
+                return f"tool {function['name']!r}: parameters must be a JSON Schema object"
+            names.append(function["name"])
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if tools is None:
+            return "tool_choice is only allowed when tools are specified"
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                return "tool_choice must name a function: {type: function, function: {name: ...}}"
+            if name not in names:
+                return f"tool_choice names {name!r}, which is not among the tools"
+        elif choice not in ("none", "auto", "required"):
+            return "tool_choice must be 'none', 'auto', 'required' or a named function"
+    if not isinstance(body.get("parallel_tool_calls", False), bool | None):
+        return "parallel_tool_calls must be a boolean"
+    for message in body["messages"]:
+        if message.get("role") == "tool" and not isinstance(message.get("tool_call_id"), str):
+            return "a message with role 'tool' needs a tool_call_id"
+        calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            return "tool_calls must be a list"
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            return "response_format.type must be 'text', 'json_object' or 'json_schema'"
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                return "response_format json_schema needs json_schema.name"
+            if not isinstance(spec.get("schema", {}), dict | None):
+                return "response_format json_schema.schema must be an object"
+    return None
 
 
 def _embedding(text: str, dims: int, seed: int) -> list[float]:
@@ -254,6 +480,34 @@ class _Rejection(msgspec.Struct, frozen=True):
     status: int
     message: str
     headers: dict[str, str] = {}
+
+
+class _Call(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool call the fake model makes."""
+
+    id: str
+    name: str
+    arguments: str
+    """JSON text."""
+
+    def wire(self) -> dict[str, Any]:
+        """The call as OpenAI puts it in ``message.tool_calls``."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+class _Answer(msgspec.Struct, frozen=True, kw_only=True):
+    """What a chat request is answered with, before it is put on the wire."""
+
+    content: str | None
+    reasoning: str | None = None
+    finish_reason: str = "stop"
+    calls: tuple[_Call, ...] = ()
+    is_json: bool = False
+    """The content is JSON text: a stream cuts it by characters, not words."""
 
 
 class _Dropped(Exception):
@@ -474,6 +728,9 @@ class FakeProvider:
         if isinstance(body, dict):
             self.stats.bodies.append(body)
             del self.stats.bodies[:-KEEP_LAST]
+            if b.kind == "chat":
+                self.stats.tool_requests += _uses_tools(body)
+                self.stats.json_requests += _json_format(body) is not None
 
         if b.api_key is not None and request.headers.get("Authorization") != f"Bearer {b.api_key}":
             return self._error(401, "invalid api key")
@@ -561,7 +818,13 @@ class FakeProvider:
                 return f"{key} must be a positive integer"
         if not isinstance(body.get("stream", False), bool):
             return "stream must be a boolean"
-        return None
+        capabilities = self.behaviour.capabilities
+        if "tools" not in capabilities and _uses_tools(body):
+            return f"{self.behaviour.model} does not support tools (function calling)"
+        fmt = _json_format(body)
+        if fmt in ("json_object", "json_schema") and fmt not in capabilities:
+            return f"{self.behaviour.model} does not support response_format {fmt}"
+        return _chat_extras_problem(body)
 
     def _next_fault(self) -> Fault | None:
         """The scripted fault, else the down status, else a random fault, else None."""
@@ -634,30 +897,66 @@ class FakeProvider:
 
     # -- answers -----------------------------------------------------------
 
-    def _compose(self, body: Mapping[str, Any]) -> tuple[str, str | None, str]:
-        """Content, reasoning (or None) and finish reason for a chat request."""
+    def _compose(self, body: Mapping[str, Any], request_id: int) -> _Answer:
+        """What a chat request is answered with: tool calls, JSON content or text.
+
+        Text is cut to ``max_tokens`` words (finish_reason "length"); tool calls and
+        JSON content are never cut, so they always parse (real models may cut them,
+        but a fake that sends broken JSON on purpose would be a fault, not a default).
+        """
         b = self.behaviour
+        messages: list[dict[str, Any]] = body["messages"]
         text = ""
-        for message in reversed(body["messages"]):
+        for message in reversed(messages):
             if message.get("role") == "user":
                 text = _message_text(message.get("content"))
                 break
-        content = f"[{b.name}] {b.model} answers: {text[:80]}"
+        word = _first_word(text)
+        reasoning = None
+        if b.thinking and _thinking_requested(body):
+            reasoning = f"[{b.name}] thinking step by step about: {text[:40]}"
+
+        functions = _tools_to_call(body)
+        if functions:
+            calls: list[_Call] = []
+            for index, function in enumerate(functions):
+                parameters = function.get("parameters") or {}
+                minimal = _schema_instance(parameters, word, parameters, untyped="object")
+                call_id = f"call_{b.name}_{request_id}_{index}"
+                arguments = _encoder.encode(minimal).decode()
+                calls.append(_Call(id=call_id, name=function["name"], arguments=arguments))
+            return _Answer(
+                content=None, reasoning=reasoning, finish_reason="tool_calls", calls=tuple(calls)
+            )
+
+        results = _tool_results(messages)
+        said = f"the tool said {'; '.join(results)}" if results else text[:80]
+        content = f"[{b.name}] {b.model} answers: {said}"
+
+        fmt = _json_format(body)
+        if fmt is not None:  # validated: json_object or json_schema
+            if fmt == "json_object":
+                instance: Any = {"answer": content}
+            else:
+                schema = body["response_format"]["json_schema"].get("schema") or {}
+                instance = _schema_instance(schema, word, schema, untyped="object")
+            json_text = _encoder.encode(instance).decode()
+            return _Answer(content=json_text, reasoning=reasoning, is_json=True)
+
         finish_reason = "stop"
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         if limit is not None and len(content.split()) > limit:
             content = " ".join(content.split()[:limit])
             finish_reason = "length"
-        reasoning = None
-        if b.thinking and _thinking_requested(body):
-            reasoning = f"[{b.name}] thinking step by step about: {text[:40]}"
-        return content, reasoning, finish_reason
+        return _Answer(content=content, reasoning=reasoning, finish_reason=finish_reason)
 
-    def _usage(
-        self, body: Mapping[str, Any], content: str, reasoning: str | None
-    ) -> dict[str, int]:
+    def _usage(self, body: Mapping[str, Any], answer: _Answer) -> dict[str, int]:
         prompt = self._input_tokens(body)
-        completion = estimate_tokens(content) + estimate_tokens(reasoning or "")
+        completion = (
+            estimate_tokens(answer.content or "")
+            + estimate_tokens(answer.reasoning or "")
+            + sum(estimate_tokens(call.name + call.arguments) for call in answer.calls)
+        )
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -668,19 +967,21 @@ class FakeProvider:
         return self._rate_headers(time.monotonic())
 
     def _chat_answer(self, body: Mapping[str, Any], request_id: int) -> web.Response:
-        content, reasoning, finish_reason = self._compose(body)
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-        answer = {
+        answer = self._compose(body, request_id)
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+        if answer.reasoning is not None:
+            message["reasoning_content"] = answer.reasoning
+        if answer.calls:
+            message["tool_calls"] = [call.wire() for call in answer.calls]
+        completion = {
             "id": f"chatcmpl-{self.behaviour.name}-{request_id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-            "usage": self._usage(body, content, reasoning),
+            "choices": [{"index": 0, "message": message, "finish_reason": answer.finish_reason}],
+            "usage": self._usage(body, answer),
         }
-        return self._json(200, answer, self._answer_headers())
+        return self._json(200, completion, self._answer_headers())
 
     async def _stream_answer(
         self,
@@ -690,11 +991,29 @@ class FakeProvider:
         latency_s: float,
         drop_after: int | None,
     ) -> web.StreamResponse:
-        content, reasoning, finish_reason = self._compose(body)
-        deltas: list[tuple[dict[str, Any], bool]] = [({"role": "assistant", "content": ""}, False)]
-        if reasoning is not None:
-            deltas += [({"reasoning_content": p}, False) for p in _split_pieces(reasoning)]
-        deltas += [({"content": p}, True) for p in _split_pieces(content)]
+        answer = self._compose(body, request_id)
+        # (delta, whether it counts as a content chunk for drop_midstream)
+        role = {"role": "assistant", "content": None if answer.calls else ""}
+        deltas: list[tuple[dict[str, Any], bool]] = [(role, False)]
+        if answer.reasoning is not None:
+            deltas += [({"reasoning_content": p}, False) for p in _split_pieces(answer.reasoning)]
+        for index, call in enumerate(answer.calls):
+            first = {
+                "index": index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            deltas.append(({"tool_calls": [first]}, True))
+            deltas += [
+                ({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, True)
+                for piece in _split_even(call.arguments)
+            ]
+        if answer.content is not None:
+            pieces = (
+                _split_even(answer.content) if answer.is_json else _split_pieces(answer.content)
+            )
+            deltas += [({"content": p}, True) for p in pieces]
         interval_s = self.behaviour.stream_chunk_interval_s or latency_s / (len(deltas) + 1)
         self._slot_ends[request_id] = time.monotonic() + interval_s * (len(deltas) + 1)
 
@@ -726,8 +1045,8 @@ class FakeProvider:
             await self._pause(interval_s)
             final = {
                 **base,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}],
-                "usage": self._usage(body, content, reasoning),
+                "choices": [{"index": 0, "delta": {}, "finish_reason": answer.finish_reason}],
+                "usage": self._usage(body, answer),
             }
             await response.write(b"data: " + _encoder.encode(final) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
@@ -763,7 +1082,7 @@ class FakeProvider:
 
 
 def behaviour_from_config(name: str, provider: ProviderConfig) -> Behaviour:
-    """A fake that keeps the promises ``provider``'s config makes: model, kind, latency, limits."""
+    """A fake that keeps the promises of ``provider``'s config, capabilities included."""
     return Behaviour(
         name=name,
         kind=provider.kind,
@@ -773,6 +1092,7 @@ def behaviour_from_config(name: str, provider: ProviderConfig) -> Behaviour:
         rpm=provider.rpm,
         daily_tokens=provider.daily_tokens,
         thinking=provider.thinking,
+        capabilities=tuple(provider.capabilities),
     )
 
 
