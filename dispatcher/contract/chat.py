@@ -11,6 +11,22 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+# The `chat` op's OpenAI fields beyond messages, max_tokens and temperature: each reaches
+# the provider's body under its own name.
+OPENAI_CHAT_FIELDS: tuple[str, ...] = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "stop",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+)
+
 Capability = Literal["tools", "json_object", "json_schema"]
 CAPABILITIES: tuple[Capability, ...] = ("tools", "json_object", "json_schema")
 

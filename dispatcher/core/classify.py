@@ -117,10 +117,10 @@ def _capable(
         for name, provider in config.providers.items()
         if set(needs) <= set(provider.capabilities) and name in limits and limits[name].enabled
     ]
-    where = "the pinned providers" if pinned else f"class {klass!r}"
+    where = "the pinned providers" if pinned else f"the providers of class {klass!r}"
     if having:
         raise NoProvider(
-            f"this job needs {wanted}, which no provider of {where} ({', '.join(enabled)}) "
+            f"this job needs {wanted}, which none of {where} ({', '.join(enabled)}) "
             f"accepts; {', '.join(having)} would: pin one with 'providers'"
         )
     raise NoProvider(

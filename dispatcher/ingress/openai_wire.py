@@ -11,7 +11,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from dispatcher.contract.chat import FunctionCallDelta, ToolCallDelta
+from dispatcher.contract.chat import OPENAI_CHAT_FIELDS, FunctionCallDelta, ToolCallDelta
 from dispatcher.contract.errors import ClientError
 from dispatcher.contract.protocol import Chunk, Result
 from dispatcher.ingress.openai_errors import UnknownModel
@@ -250,20 +250,7 @@ DONE_EVENT: Final = b"data: [DONE]\n\n"
 # -- mapping OpenAI bodies onto our requests --------------------------------------------
 
 # OpenAI chat fields the `chat` op takes under the same name (validated there, sent on as is).
-PASSED_FIELDS: Final = (
-    "temperature",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "stop",
-    "top_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",
-)
+PASSED_FIELDS: Final = ("temperature", *OPENAI_CHAT_FIELDS)
 # Fields the front reads itself: the route, the stream, the token limit, thinking, and the
 # OpenAI options it honours only in their default form (refused otherwise, see below).
 HANDLED_FIELDS: Final = frozenset(

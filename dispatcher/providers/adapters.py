@@ -25,28 +25,14 @@ Provider quirks handled here:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 
+from dispatcher.contract.chat import OPENAI_CHAT_FIELDS
 from dispatcher.contract.config import AdapterName, ProviderConfig
 from dispatcher.contract.protocol import ChatRequest, JobRequest
 from dispatcher.providers.wire import _encoder, require_adapter
-
-# The request's OpenAI fields that reach the body under their own names.
-OPENAI_FIELDS: Final = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "stop",
-    "top_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",
-)
 
 
 def chat_body(
@@ -59,7 +45,7 @@ def chat_body(
     """The body for ``request`` at a provider of this adapter, every field the job set included."""
     options = {
         name: msgspec.to_builtins(value)
-        for name in OPENAI_FIELDS
+        for name in OPENAI_CHAT_FIELDS
         if (value := getattr(request, name)) is not None
     }
     body = build_chat_body(
