@@ -14,6 +14,8 @@ import functools
 import os
 import secrets
 import signal
+import socket
+import sqlite3
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from dispatcher.providers.actor import ProviderActor
 from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
 from dispatcher.scheduler.loop import Scheduler
 from dispatcher.store.journal import Journal
+from dispatcher.store.local_ledger import LocalLedger
 
 if TYPE_CHECKING:  # the fakes load only under --simulate
     from dispatcher.testing.simulator import Simulator
@@ -82,10 +85,12 @@ class Daemon:
             try:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    await self._start_shared_ledger(tg)
                     for name, provider in self.config.providers.items():
                         await self._start_provider(name, provider)
                     await tg.start(self.scheduler.run)
                     await self._start_metrics(tg)
+                    await self._open_ledger(stack, tg)
                     if self.config.journal.enabled:
                         await self._open_journal(stack, tg)
                     inherited = systemd.listen_fds()
@@ -121,12 +126,36 @@ class Daemon:
 
     def _warn_unimplemented(self) -> None:
         """Say so, once, when the configuration asks for what this version does not do."""
-        if self.config.cluster.redis_url or self.config.cache.redis_url:
+        if self.config.cache.redis_url:
             log.warning(
-                "config.redis_ignored",
-                detail="this version keeps limits and the cache per host; the Redis settings "
-                "([cluster] and [cache] redis_url) are accepted but not used",
+                "config.redis_cache_ignored",
+                detail="this version keeps the response cache per host; [cache] redis_url "
+                "is accepted but not used",
             )
+
+    async def _start_shared_ledger(self, tg: TaskGroup) -> None:
+        """With [cluster] redis_url, take every token and slot from the fleet's ledger.
+
+        Started before the providers, reporting ready at once: a daemon starts while
+        Redis is down, on a conservative share of each limit until Redis answers.
+        """
+        cluster = self.config.cluster
+        if not cluster.redis_url:
+            return
+        from dispatcher.store.redis_ledger import RedisLedger  # redis loads for fleets only
+
+        instance = cluster.instance_name or f"{socket.gethostname()}-{os.getpid()}"
+        shared = RedisLedger(
+            cluster.redis_url,
+            instance=instance,
+            key_prefix=cluster.key_prefix,
+            lease_s=cluster.lease_s,
+            instances_hint=cluster.expected_instances,
+        )
+        shared.on_freed = self.scheduler.on_freed
+        self.scheduler.shared = shared
+        await tg.start(shared.run)
+        log.info("ledger.cluster", instance=instance, key_prefix=cluster.key_prefix)
 
     async def _start_metrics(self, tg: TaskGroup) -> None:
         """Prometheus text on [metrics]; kept up during a drain so the drain is visible."""
@@ -154,6 +183,27 @@ class Daemon:
                 socket_group=daemon.socket_group,
             )
             await tg.start(self.http.run)
+
+    async def _open_ledger(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
+        """Bring back the spends, quota use, blocks and learned limits of the last run.
+
+        Before READY and before the journal replays, so no job is sent into a
+        window a previous run already spent. A ledger that cannot be opened (a
+        read-only state_dir) is logged once: the daemon serves, forgetting on restart.
+        """
+        ledger = LocalLedger(Path(self.config.daemon.state_dir) / "limits.sqlite3")
+        try:
+            await anyio.to_thread.run_sync(ledger.open)
+            snapshot = await anyio.to_thread.run_sync(ledger.load)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("ledger.unavailable", path=str(ledger.path), error=str(exc))
+            return
+        stack.callback(ledger.close)
+        restored = ledger.restore(snapshot, self.scheduler.limits, now=self.scheduler.clock())
+        self.scheduler.ledger = ledger
+        await tg.start(ledger.run)
+        if restored:
+            log.info("ledger.restored", sends=restored, blocks=sorted(snapshot.blocks))
 
     async def _open_journal(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
         """Open the journal and replay what a previous run left unfinished."""
@@ -230,7 +280,9 @@ class Daemon:
             limits.enabled = False
             limits.problem = problem or "disabled in the configuration"
             log.warning("provider.disabled", provider=name, problem=limits.problem)
-        actor = ProviderActor(name, provider, key, limits, self.scheduler.on_outcome)
+        actor = ProviderActor(
+            name, provider, key, limits, self.scheduler.on_outcome, shared=self.scheduler.shared
+        )
         self.actors[name] = actor
         self.scheduler.add_provider(actor)
         await self._tg.start(

@@ -7,7 +7,7 @@ so no test imports ``conftest`` or another test module.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -35,6 +35,7 @@ __all__ = [
     "fakes",
     "keys_for",
     "provider_entry",
+    "until",
     "uvloop_only",
     "wire",
 ]
@@ -197,3 +198,13 @@ async def wire(path: str) -> AsyncIterator[Wire]:
     """A raw :class:`Wire` on the Unix socket at ``path``."""
     async with await anyio.connect_unix(path) as stream:
         yield Wire(stream)
+
+
+async def until(
+    predicate: Callable[[], bool], *, timeout_s: float = 5.0, every_s: float = 0.02
+) -> None:
+    """Wait, at most ``timeout_s``, for state that has no event of its own to wait on
+    (another process's file, a subprocess, a counter in a fake)."""
+    with anyio.fail_after(timeout_s):
+        while not predicate():  # noqa: ASYNC110  # nothing to wait on but the state itself
+            await anyio.sleep(every_s)

@@ -10,8 +10,9 @@ import msgspec
 import pytest
 
 from dispatcher.contract.protocol import Accepted, ChatRequest, Error, Pending, Result
+from dispatcher.core.keys import request_digest
 from dispatcher.scheduler.job import Job
-from dispatcher.store.journal import Journal, request_digest
+from dispatcher.store.journal import Journal
 from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
 

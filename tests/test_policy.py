@@ -19,7 +19,7 @@ from dispatcher.contract.protocol import ChatRequest
 from dispatcher.core.circuit import CircuitBreaker
 from dispatcher.core.classify import classify_chat
 from dispatcher.core.fair_queue import FairQueue
-from dispatcher.core.limits import RateLearner, TokenBucket
+from dispatcher.core.limits import LimitLearner, TokenBucket
 from dispatcher.core.outcomes import describe_attempts, judge_failure
 from dispatcher.core.plan import plan
 from dispatcher.core.provider_state import RPM_WINDOW_S, ProviderLimits
@@ -100,15 +100,17 @@ def test_bucket_burst_paces_requests() -> None:
     assert bucket.available(1.0) == 1
 
 
-def test_rate_learner_halves_on_429_and_creeps_back() -> None:
-    """AIMD: a 429 halves the observed rate; successes add about one per minute."""
-    learner = RateLearner()
-    assert learner.bucket_rpm == 0
-    learner.on_rate_limited(sent_in_window=30)
-    assert learner.rpm == 15
-    for _ in range(15):
-        learner.on_success()
-    assert 15.9 < (learner.rpm or 0) < 16.1
+def test_limit_learner_holds_the_first_429s_count_and_a_second_confirms() -> None:
+    """The first 429 after 30 admitted requests sets 30/min unconfirmed; a second at 30 confirms."""
+    learner = LimitLearner(window_s=RPM_WINDOW_S)
+    assert learner.rpm is None
+    assert learner.on_rate_429(30, 10.0)
+    assert (learner.rpm, learner.confirmed, learner.source) == (30, False, "a 429")
+    learner.on_rate_429(30, 12.0)
+    assert (learner.rpm, learner.confirmed) == (30, True)
+    for _ in range(100):  # successes alone teach nothing: no additive creep
+        assert not learner.settle(13.0)
+    assert learner.rpm == 30
 
 
 # -- circuit breaker -----------------------------------------------------------------

@@ -107,8 +107,15 @@ class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 
 
 class ClusterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Several daemons sharing the same keys: their limits are taken from Redis."""
+
     redis_url: str | None = None
-    instance_name: str | None = None
+    instance_name: str | None = None  # default: the host name and the process id
+    key_prefix: str = "dispatcher"
+    lease_s: Seconds = 30.0  # a dead host's slots come back within this
+    # While Redis is unreachable each daemon takes limit / instances; before it has ever
+    # seen the others, it assumes this many.
+    expected_instances: Positive = 1
 
 
 class HttpConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -141,12 +141,15 @@ class UpstreamError(Exception):
         *,
         status: int | None = None,
         retry_after_s: float | None = None,
+        # which limit a 429 hit, where the body says (zhipu: code 1302 or 1303)
+        limit_kind: Literal["rate", "concurrency"] | None = None,
     ) -> None:
         super().__init__(detail)
         self.kind: UpstreamKind = kind
         self.detail = detail
         self.status = status
         self.retry_after_s = retry_after_s
+        self.limit_kind: Literal["rate", "concurrency"] | None = limit_kind
 
     def short(self) -> str:
         """A few words for the "tried X (why)" sentence."""

@@ -174,6 +174,21 @@ class ProviderStatus(msgspec.Struct, kw_only=True):
     blocked_for_s: float = 0.0
     daily_tokens_left: int | None = None
     problem: str | None = None
+    learned: str | None = None  # what was learned and from what: "30/min from a 429 at 12:01:07"
+    fleet: FleetUse | None = None  # the whole fleet's use of this key (shared ledger only)
+
+
+class FleetUse(msgspec.Struct, kw_only=True):
+    in_flight: int
+    window_spent: int
+    daily_tokens: int
+
+
+class LedgerStatus(msgspec.Struct, kw_only=True):
+    """Where the limits are kept: local (this daemon), shared (Redis) or degraded."""
+
+    mode: str
+    instances: int = 1  # daemons seen alive, this one included
 
 
 class RecentJob(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -194,6 +209,7 @@ class Status(_Reply, tag="status"):
     jobs_done: int = 0
     jobs_failed: int = 0
     recent: list[RecentJob] = msgspec.field(default_factory=list)  # newest first
+    ledger: LedgerStatus | None = None
 
 
 class Pong(_Reply, tag="pong"):

@@ -5,16 +5,20 @@
   every 60-second span, not just per calendar minute. An optional ``burst`` also
   paces requests continuously (a leaky bucket of that depth refilled at
   ``rpm / window_s``) for providers that enforce a smooth rate.
-* :class:`RateLearner`: for providers with no published limit (``rpm = 0``),
-  learns a safe rate from their 429s: multiplicative decrease, additive increase.
+* :class:`LimitLearner`: for limits nobody published (``rpm = 0``, or a concurrency
+  the config overstates), learns them from 429s and ``x-ratelimit-*`` headers; what it
+  learned travels as a :class:`LearnedLimit` (status, persistence, other hosts).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
+from typing import Literal
 
 UNLIMITED = 1 << 30
+LimitKind = Literal["rate", "concurrency"]  # which limit a 429 says was hit
 
 
 class TokenBucket:
@@ -94,6 +98,22 @@ class TokenBucket:
             self._level = self._paced_level(now) - 1.0
             self._level_at = now
 
+    def give_back(self, at: float) -> None:
+        """Return the token spent at ``at``: its request never went out (a fleet denial)."""
+        spent = self._spent
+        for i in range(len(spent) - 1, -1, -1):  # the spend is recent: search from the end
+            if spent[i] == at:
+                del spent[i]
+                if self.burst:
+                    self._level = min(float(self.burst), self._level + 1.0)
+                return
+
+    def spent_before(self, times: list[float]) -> None:
+        """Count spends made while the bucket was unlimited (a limit just learned), oldest
+        first, so the new limit already sees the window's traffic."""
+        if self.rpm and not self._spent:
+            self._spent.extend(times)
+
     def return_times(self, now: float) -> list[float]:
         """When the tokens spent in the current window come back, earliest first."""
         self._expire(now)
@@ -165,42 +185,201 @@ class WindowCounter:
         return int(sum(c for _, c in bins))
 
 
-class RateLearner:
-    """AIMD on the request rate of a provider whose limit is unknown.
+@dataclass(frozen=True, slots=True)
+class LearnedLimit:
+    """What a provider's key was found to allow, and from what: one observation's worth."""
 
-    Starts unlimited. A lone 429 that came with a Retry-After is taken at its
-    word (the caller waits it out) and teaches nothing; a second one within the
-    window, or one without Retry-After, sets the rate to half of what was sent
-    in the window (at least 1/min). Each success then adds ``1/rate``, so the
-    rate grows by about one request per minute while nothing is refused.
+    rpm: int | None  # requests per window; None: the rate is not learned
+    concurrency: int | None  # attempts at once; None: not learned (the config holds)
+    source: str  # a few words: "a 429", "x-ratelimit headers", "a concurrency 429"
+    at: float  # the ``now`` of the observation (monotonic within one process)
+    confirmed: bool  # a second observation agreed (the rate's, when one is learned)
+
+
+HEADERS_SOURCE = "x-ratelimit headers"  # a limit the provider stated: no probing above it
+PROBE_BACKOFF_MAX = 16  # windows between probes after repeated refusals, at most
+
+
+class LimitLearner:
+    """Learns the limits of a key that nobody published, from what the provider says.
+
+    The model is a fixed sliding-window quota, which refuses the first request past
+    it: so the first 429 says where the wall is, namely the requests the provider
+    admitted in the trailing window (:meth:`on_rate_429` takes that count). The
+    learner holds it as the rate at once; a second refusal at that count or lower
+    confirms it. While jobs wait for tokens the caller may probe upward, one extra
+    request per window at most (:meth:`may_probe`, :meth:`on_probe_sent`): a window
+    that passes with no 429 raises the held rate by one, a 429 puts it back and
+    doubles the wait before the next probe. ``x-ratelimit-*`` headers state the
+    rate outright (no probing then). A 429 whose body says "concurrency" teaches a
+    slot limit instead and leaves the rate alone. With ``learn_rate`` off (the
+    config publishes an rpm, which always wins) only concurrency is learned.
     """
 
-    __slots__ = ("_last_429", "ceiling", "rpm", "window_s")
+    __slots__ = (
+        "_last_429",
+        "_next_probe_at",
+        "_probe_wait",
+        "concurrency",
+        "concurrency_confirmed",
+        "concurrency_seen",
+        "confirmed",
+        "held",
+        "learn_rate",
+        "probing_since",
+        "rate_seen",
+        "window_s",
+    )
 
-    def __init__(self, *, ceiling: float = 10_000.0, window_s: float = 60.0) -> None:
-        self.rpm: float | None = None
-        self.ceiling = ceiling
+    def __init__(self, *, learn_rate: bool = True, window_s: float = 60.0) -> None:
+        self.learn_rate = learn_rate
         self.window_s = window_s
+        self.held: int | None = None  # the rate the evidence supports
+        self.confirmed = False
+        self.probing_since: float | None = None  # one extra request per window since then
+        self.concurrency: int | None = None
+        self.concurrency_confirmed = False
+        # (source, at) of the observation behind each limit, for status and hand-over
+        self.rate_seen: tuple[str, float] | None = None
+        self.concurrency_seen: tuple[str, float] | None = None
         self._last_429 = -math.inf
-
-    def should_learn(self, now: float, *, had_retry_after: bool) -> bool:
-        """Whether this 429 says something about the rate, not just a passing burst."""
-        repeated = now - self._last_429 < self.window_s
-        self._last_429 = now
-        return repeated or not had_retry_after or self.rpm is not None
+        self._next_probe_at = math.inf
+        self._probe_wait = 1  # windows to wait before the next probe
 
     def __repr__(self) -> str:
-        rate = "unlimited" if self.rpm is None else f"{self.rpm:.1f}/min"
-        return f"<RateLearner {rate}>"
-
-    def on_rate_limited(self, sent_in_window: int) -> None:
-        base = sent_in_window if self.rpm is None else min(self.rpm, sent_in_window)
-        self.rpm = max(1.0, base / 2.0)
-
-    def on_success(self) -> None:
-        if self.rpm is not None:
-            self.rpm = min(self.ceiling, self.rpm + 1.0 / self.rpm)
+        if self.held is None:
+            rate = "rate unknown" if self.learn_rate else "rate published"
+        else:
+            state = "confirmed" if self.confirmed else "unconfirmed"
+            probe = " probing +1" if self.probing_since is not None else ""
+            rate = f"{self.held}/min {state}{probe}"
+        slots = "" if self.concurrency is None else f" concurrency {self.concurrency}"
+        source = f" from {self.source}" if self.source else ""
+        return f"<LimitLearner {rate}{slots}{source}>"
 
     @property
-    def bucket_rpm(self) -> int:
-        return 0 if self.rpm is None else max(1, math.floor(self.rpm))
+    def rpm(self) -> int | None:
+        """The rate the bucket may use now: the held one, plus one while a probe runs."""
+        if self.held is None:
+            return None
+        return self.held + (self.probing_since is not None)
+
+    @property
+    def tentative(self) -> bool:
+        """A learned rate that no second observation backs yet: too weak to fail a job on."""
+        return self.held is not None and not self.confirmed
+
+    @property
+    def source(self) -> str:
+        """What the latest observation was ("a 429", "x-ratelimit headers"); "" before any."""
+        return self._latest()[0]
+
+    @property
+    def at(self) -> float:
+        return self._latest()[1]
+
+    def _latest(self) -> tuple[str, float]:
+        seen = [x for x in (self.rate_seen, self.concurrency_seen) if x is not None]
+        return max(seen, key=lambda x: x[1]) if seen else ("", -math.inf)
+
+    def _from_headers(self) -> bool:
+        return self.rate_seen is not None and self.rate_seen[0] == HEADERS_SOURCE
+
+    def on_rate_429(self, admitted: int, now: float, *, source: str = "a 429") -> bool:
+        """A rate refusal after ``admitted`` requests in the window; whether the rate changed."""
+        self._last_429 = now
+        if not self.learn_rate or admitted < 1:
+            return False  # nothing admitted: a passing block, or someone else's traffic
+        if self.held is None:
+            self.held, self.confirmed = admitted, False
+            self._next_probe_at = now + self.window_s  # hold it one window first
+            self.rate_seen = (source, now)
+            return True
+        before = self.rpm
+        if self.probing_since is not None:  # the probe found the wall: back to the held rate
+            self.probing_since = None
+            self._probe_wait = min(PROBE_BACKOFF_MAX, 2 * self._probe_wait)
+        if not self._from_headers():
+            self._next_probe_at = now + self._probe_wait * self.window_s
+        if admitted <= self.held:
+            if admitted < self.held or not self.confirmed:
+                self.rate_seen = (source, now)
+            self.held, self.confirmed = admitted, True
+        return self.rpm != before
+
+    def on_headers(self, limit: int, now: float) -> bool:
+        """The provider stated its limit; whether the rate changed."""
+        if not self.learn_rate or limit < 1:
+            return False
+        if self.held == limit and self._from_headers():
+            return False
+        self.held, self.confirmed, self.probing_since = limit, True, None
+        self._next_probe_at = math.inf  # the provider said so: nothing to find out
+        self.rate_seen = (HEADERS_SOURCE, now)
+        return True
+
+    def on_concurrency_429(self, in_flight: int, ceiling: int, now: float, *, source: str) -> bool:
+        """A concurrency refusal with ``in_flight`` attempts running (the refused one
+        included): the limit is one less, never above ``ceiling``; whether it changed."""
+        seen = max(1, min(ceiling, in_flight - 1))
+        if self.concurrency is not None and seen > self.concurrency:
+            return False
+        changed = seen != self.concurrency
+        self.concurrency_confirmed = self.concurrency is not None
+        self.concurrency = seen
+        self.concurrency_seen = (source, now)
+        return changed
+
+    def settle(self, now: float) -> bool:
+        """A probe that saw a whole window pass without a 429 raises the held rate by one."""
+        since = self.probing_since
+        if since is None or now < since + self.window_s or self.held is None:
+            return False
+        self.probing_since = None
+        if self._last_429 >= since:
+            return False
+        # The limit is above what was held: the estimate is a floor again, not confirmed.
+        self.held, self.confirmed, self._probe_wait = self.held + 1, False, 1
+        self._next_probe_at = now
+        self.rate_seen = ("probing", now)
+        return True
+
+    def may_probe(self, now: float) -> bool:
+        """Whether one extra request may go out now (the caller knows there is demand)."""
+        return (
+            self.learn_rate
+            and self.held is not None
+            and self.probing_since is None
+            and now >= self._next_probe_at
+        )
+
+    def on_probe_sent(self, now: float) -> None:
+        self.probing_since = now
+
+    def probe_opens_at(self) -> float | None:
+        """When :meth:`may_probe` turns true, if nothing else happens first."""
+        if not self.learn_rate or self.held is None or self.probing_since is not None:
+            return None
+        return self._next_probe_at if math.isfinite(self._next_probe_at) else None
+
+    def snapshot(self) -> LearnedLimit | None:
+        """Both limits in one record: its source and time are the latest observation's,
+        ``confirmed`` the rate's when a rate is learned, else the concurrency's."""
+        if self.held is None and self.concurrency is None:
+            return None
+        confirmed = self.confirmed if self.held is not None else self.concurrency_confirmed
+        source, at = self._latest()
+        return LearnedLimit(self.held, self.concurrency, source, at, confirmed)
+
+    def restore(self, learned: LearnedLimit, ceiling: int) -> None:
+        """Take ``learned`` as if it had just been observed (after a restart, from a peer);
+        ``learned.at`` must be on this process's clock. A published rate ignores its rpm."""
+        seen = (learned.source, learned.at)
+        if learned.rpm is not None and self.learn_rate:
+            self.held, self.confirmed, self.probing_since = learned.rpm, learned.confirmed, None
+            self.rate_seen = seen
+            self._next_probe_at = math.inf if self._from_headers() else learned.at + self.window_s
+        if learned.concurrency is not None:
+            self.concurrency = max(1, min(ceiling, learned.concurrency))
+            self.concurrency_confirmed = learned.confirmed
+            self.concurrency_seen = seen

@@ -11,7 +11,8 @@
 The rule, in one place:
 
 - 429 blocks the provider until its Retry-After (else a backoff) and the job retries;
-  a provider with no published limit learns its rate from it.
+  a provider with no published limit learns its rate from it, and one whose error body
+  says "concurrency" learns its slots (see ``LimitLearner``).
 - 401/403 takes the provider out; the job falls back.
 - 5xx, timeouts, resets and unusable answers retry here after a jittered backoff and
   count against the provider's circuit.
@@ -113,7 +114,9 @@ def judge(
         record_success(limits, outcome, now)
         return Success()
     error = after_stream(outcome, streamed=job.streamed)
-    disable = _record_failure(limits, error, now, retry, rng, stopped=job.stop is not None)
+    disable = _record_failure(
+        limits, error, now, retry, rng, stopped=job.stop is not None, job_id=job.id
+    )
     if job.stop is not None:
         return Final(job.stop)
     verdict = _next_step(job, provider, error, now, retry, rng)
@@ -124,10 +127,12 @@ def record_success(limits: ProviderLimits, answer: Answer, now: float) -> None:
     """What an answer says about its provider: healthy, this fast, maybe near its limit."""
     limits.ok += 1
     limits.observe_latency(answer.latency_s)
-    limits.circuit.on_success(limits.config.concurrency)
-    limits.learn_from_success()
+    limits.circuit.on_success(limits.concurrency)
     info = answer.ratelimit
-    if info is not None and info.remaining == 0 and info.reset_s:
+    if info is None:
+        return
+    limits.learn_from_headers(info.limit, info.reset_s, now)
+    if info.remaining == 0 and info.reset_s:
         limits.block(now + info.reset_s)
 
 
@@ -160,6 +165,7 @@ def _record_failure(
     rng: random.Random,
     *,
     stopped: bool,
+    job_id: str | None = None,
 ) -> str | None:
     """Update the provider's state; the problem to disable it for, if any."""
     limits.failed += 1
@@ -169,7 +175,7 @@ def _record_failure(
         if wait is None:
             wait = backoff_s(1, retry, rng)
         limits.block(now + wait)
-        limits.learn_from_429(now, had_retry_after=error.retry_after_s is not None)
+        limits.learn_from_429(now, job_id=job_id, limit_kind=error.limit_kind)
     elif error.kind == "auth":
         hint = key_hint(limits)
         error.detail = f"{error.detail}; the key was refused: check {hint}"

@@ -36,12 +36,15 @@ class Plan:
 class _Paper:
     """A provider's future on paper: when its slots and tokens free up."""
 
-    __slots__ = ("blocked", "latency", "limits", "slots", "tokens")
+    __slots__ = ("blocked", "latency", "limits", "slots", "tentative", "tokens")
 
     def __init__(self, limits: ProviderLimits, now: float) -> None:
         self.limits = limits
         self.latency = limits.latency_s
-        self.blocked = limits.blocked_until
+        self.blocked = limits.held_until
+        # A learned rate no second observation backs may be far too low: it orders the
+        # work but is no reason to fail a job as hopeless.
+        self.tentative = limits.learner.tentative
         usable = limits.usable_slots(now)
         reopen = limits.circuit.reopens_at()
         if usable == 0 and reopen is not None:
@@ -62,13 +65,16 @@ class _Paper:
             returning = bucket.return_times(now)
             first = bucket.next_free(now)  # later than now only under burst pacing
             self.tokens = [first] * min(ready, 1024) + [max(first, t) for t in returning]
+            if limits.may_probe(now):  # only asked of providers a queued job may use
+                self.tokens.append(now)
             heapq.heapify(self.tokens)
 
-    def start(self, now: float) -> float:
+    def start(self, now: float, *, tokens: bool = True) -> float:
+        """The earliest start on paper; ``tokens=False``: as if the rate did not bind."""
         if not self.slots:
             return math.inf
         at = max(now, self.slots[0], self.blocked)
-        if self.tokens is not None:
+        if tokens and self.tokens is not None:
             at = max(at, self.tokens[0]) if self.tokens else math.inf
         return at
 
@@ -102,10 +108,12 @@ def plan(
     nothing can start (0: none; the deadline heap enforces deadlines anyway).
     """
     result = Plan()
+    # Only providers some queued job may use are asked: that is the demand a probe
+    # above a learned rate needs.
     startable = {
         name: free
         for name, p in limits.items()
-        if (wanted is None or name in wanted) and (free := p.free_now(now))
+        if (wanted is None or name in wanted) and (free := p.free_now(now, probe=True))
     }
     wake = _next_change(limits, now)
     # With nothing startable only the head of the queue is read, to fail fast the
@@ -123,6 +131,7 @@ def plan(
         if is_retry and retry_budget is not None and retry_budget <= 0:
             continue
         best_name, best_at, best_end = None, math.inf, math.inf
+        in_time_maybe = False  # an unconfirmed learned rate alone makes it look late
         for name in job.candidates(per_provider):
             state = limits.get(name)
             if state is None or not state.enabled or not state.fits_today(job.prompt_tokens, now):
@@ -131,12 +140,15 @@ def plan(
             if sheet is None:
                 sheet = paper[name] = _Paper(state, now)
             at = max(sheet.start(now), job.holds.get(name, now))
+            if sheet.tentative and job.deadline is not None and at > job.deadline:
+                untokened = max(sheet.start(now, tokens=False), job.holds.get(name, now))
+                in_time_maybe = in_time_maybe or untokened <= job.deadline
             end = at + sheet.latency
             if end < best_end - EPSILON:
                 best_name, best_at, best_end = name, at, end
         if best_name is None:
             continue  # nothing can ever take it now; the scheduler fails it on its own check
-        if job.deadline is not None and best_at > job.deadline:
+        if job.deadline is not None and best_at > job.deadline and not in_time_maybe:
             result.expired.append(job)
             continue
         hold = job.holds.get(best_name)
@@ -155,7 +167,8 @@ def plan(
 
 
 def _next_change(limits: Mapping[str, ProviderLimits], now: float) -> float | None:
-    """When a provider with a free slot next gets a token, its block lifts or its circuit reopens."""
+    """When a provider with a free slot next gets a token or a probe, its block or deferral
+    lifts, or its circuit reopens."""
     times: list[float] = []
     for state in limits.values():
         if not state.enabled:
@@ -165,7 +178,11 @@ def _next_change(limits: Mapping[str, ProviderLimits], now: float) -> float | No
             times.append(reopen)
             continue
         if state.in_flight < state.usable_slots(now):
-            at = max(state.blocked_until, state.bucket.next_free(now))
+            token = state.bucket.next_free(now)
+            probe = state.probe_opens_at()
+            if probe is not None and now < probe < token:
+                token = probe  # a probe may take a job before the next token returns
+            at = max(state.held_until, token)
             if at > now:
                 times.append(at)
     return min(times) if times else None

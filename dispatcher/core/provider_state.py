@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from dispatcher.contract.config import ProviderConfig
 from dispatcher.core.circuit import CircuitBreaker
-from dispatcher.core.limits import DailyBudget, RateLearner, TokenBucket, WindowCounter
+from dispatcher.core.limits import (
+    DailyBudget,
+    LearnedLimit,
+    LimitKind,
+    LimitLearner,
+    TokenBucket,
+    WindowCounter,
+)
 
 # A provider counts a request when it arrives, a little after we sent it; tokens come
 # back a second late so a request sent the moment one returns is never early.
 RPM_WINDOW_S = 61.0
 LATENCY_ALPHA = 0.2  # weight of a new observation in the latency average
+# The window a provider counts its requests in, for reading a 429: the admitted sends in
+# the 60 s before the refused one (the bucket's 61 s would count one too many at the edge;
+# the sends are kept for 61 s, to seed the bucket when a limit is first learned).
+UPSTREAM_WINDOW_S = 60.0
+ENDED_KEPT = 64  # ended attempts remembered for the 429 that may follow their release
+
+
+@dataclass(slots=True)
+class _Send:
+    """One request sent, as a 429 is read: when, in which order, and what it saw."""
+
+    at: float
+    seq: int
+    in_flight: int  # attempts running once it started, itself included
+    refused: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -28,11 +50,12 @@ class ProviderLimits:
     config: ProviderConfig
     bucket: TokenBucket
     circuit: CircuitBreaker
-    learner: RateLearner | None = None
+    learner: LimitLearner = field(default_factory=lambda: LimitLearner(window_s=RPM_WINDOW_S))
     enabled: bool = True
     problem: str | None = None  # why it is disabled, for status and errors
     latency_s: float = 1.0
-    blocked_until: float = 0.0
+    blocked_until: float = 0.0  # a Retry-After (or x-ratelimit reset) block
+    deferred_until: float = 0.0  # a hold that is no failure: another host has the capacity
     running: dict[str, float] = field(default_factory=dict)  # job id -> when it started
     ok: int = 0
     failed: int = 0
@@ -40,6 +63,11 @@ class ProviderLimits:
     sent: WindowCounter = field(default_factory=WindowCounter)  # requests in the last minute
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=200))  # service times
     daily: DailyBudget | None = None  # the provider's daily token quota, when it has one
+    # What a 429 is read against: the sends of the window (kept only while the rate is
+    # learned) and each attempt's send, kept a little past its release for its verdict.
+    _window: deque[_Send] = field(default_factory=deque, init=False, repr=False)
+    _attempts: OrderedDict[str, _Send] = field(default_factory=OrderedDict, init=False, repr=False)
+    _seq: int = field(default=0, init=False, repr=False)
 
     @classmethod
     def from_config(
@@ -50,53 +78,118 @@ class ProviderLimits:
             config=config,
             bucket=TokenBucket(config.rpm, window_s=RPM_WINDOW_S, burst=config.burst),
             circuit=CircuitBreaker(threshold=failures, cooldown_s=cooldown_s),
-            learner=RateLearner() if config.rpm == 0 else None,
+            learner=LimitLearner(learn_rate=config.rpm == 0, window_s=RPM_WINDOW_S),
             latency_s=config.latency_s,
             daily=DailyBudget(config.daily_tokens) if config.daily_tokens else None,
         )
 
     def __repr__(self) -> str:
         return (
-            f"<ProviderLimits {self.name} slots {len(self.running)}/{self.config.concurrency} "
-            f"{self.bucket!r} {self.circuit.state}>"
+            f"<ProviderLimits {self.name} slots {len(self.running)}/{self.concurrency} "
+            f"{self.bucket!r} {self.circuit.state} {self.learner!r}>"
         )
 
     def apply(self, config: ProviderConfig, *, enabled: bool, problem: str | None) -> None:
         """New settings from a reload; running attempts and spent tokens keep counting."""
         self.config = config
-        self.bucket.set_rpm(config.rpm if config.rpm else self.bucket.rpm, burst=config.burst)
-        if config.rpm:
-            self.learner = None
-        elif self.learner is None:
-            self.learner = RateLearner()
-            self.bucket.set_rpm(0)
+        learner = self.learner
+        learner.learn_rate = not config.rpm
+        if config.rpm:  # a published rate always wins over a learned one
+            learner.held, learner.probing_since = None, None
+            self._window.clear()
+        if learner.concurrency is not None:
+            learner.concurrency = min(learner.concurrency, config.concurrency)
+        self.bucket.set_rpm(config.rpm or learner.rpm or 0, burst=config.burst)
         self.enabled, self.problem = enabled, problem
 
     @property
     def in_flight(self) -> int:
         return len(self.running)
 
+    @property
+    def held_until(self) -> float:
+        """Nothing starts before this: a Retry-After block or a deferral, whichever ends later."""
+        return max(self.blocked_until, self.deferred_until)
+
+    @property
+    def concurrency(self) -> int:
+        """The slots the key allows: the config's, or fewer where a lower limit was learned."""
+        learned = self.learner.concurrency
+        return self.config.concurrency if learned is None else min(learned, self.config.concurrency)
+
     def usable_slots(self, now: float) -> int:
         if not self.enabled:
             return 0
-        return self.circuit.allowed_slots(now, self.config.concurrency)
+        return self.circuit.allowed_slots(now, self.concurrency)
 
-    def free_now(self, now: float) -> int:
-        """How many attempts could start at ``now``: free slots, tokens, no block."""
-        if now < self.blocked_until:
+    def free_now(self, now: float, *, probe: bool = False) -> int:
+        """How many attempts could start at ``now``: free slots, tokens, no block.
+
+        ``probe``: the caller has a job waiting for this provider, so when only the
+        learned rate stops it, one probe above that rate may go (see :meth:`may_probe`).
+        """
+        self._settle(now)
+        if now < self.held_until:
             return 0
         slots = self.usable_slots(now) - self.in_flight
-        return max(0, min(slots, self.bucket.available(now))) if slots > 0 else 0
+        if slots <= 0:
+            return 0
+        tokens = self.bucket.available(now)
+        if not tokens and probe and self.may_probe(now):
+            tokens = 1
+        return min(slots, tokens)
 
     def can_start(self, now: float) -> bool:
         return self.free_now(now) > 0
 
+    def may_probe(self, now: float) -> bool:
+        """Whether one request above the learned rate may go now, to find a higher limit.
+
+        Only when the learned rate is what holds jobs back (no token left), at most once a
+        window, never right after a 429. The planner asks only for providers with demand.
+        """
+        return (
+            bool(self.bucket.rpm) and not self.bucket.available(now) and self.learner.may_probe(now)
+        )
+
+    def on_probe_sent(self, now: float) -> None:
+        """One probe goes now: the bucket allows one more request per window until it settles."""
+        self.learner.on_probe_sent(now)
+        self._sync_rate()
+
+    def probe_opens_at(self) -> float | None:
+        """When a probe may next go, if jobs wait for this provider's tokens then."""
+        return self.learner.probe_opens_at()
+
     def reserve(self, job_id: str, now: float, tokens: int = 0) -> None:
+        self._settle(now)
+        if self.may_probe(now):  # planned on the probe's token (free_now(probe=True))
+            self.on_probe_sent(now)
         self.bucket.take(now)
         self.sent.add(now)
         if self.daily is not None:
             self.daily.spend(now, tokens)
         self.running[job_id] = now
+        self._seq += 1
+        send = _Send(now, self._seq, len(self.running))
+        self._attempts[job_id] = send
+        self._attempts.move_to_end(job_id)
+        while len(self._attempts) > max(ENDED_KEPT, 2 * len(self.running)):
+            self._attempts.popitem(last=False)
+        if self.learner.learn_rate:
+            self._window.append(send)
+            while self._window and self._window[0].at + self.bucket.window_s <= now:
+                self._window.popleft()
+
+    def give_back(self, job_id: str) -> None:
+        """The attempt reserved for ``job_id`` never went out (the fleet's ledger said no):
+        its token comes back and a later 429 is not read as if it had been sent."""
+        send = self._attempts.pop(job_id, None)
+        if send is None:
+            return
+        self.bucket.give_back(send.at)
+        if send in self._window:
+            self._window.remove(send)
 
     def fits_today(self, tokens: int, now: float) -> bool:
         return self.daily is None or self.daily.remaining(now) >= tokens
@@ -120,14 +213,68 @@ class ProviderLimits:
     def block(self, until: float) -> None:
         self.blocked_until = max(self.blocked_until, until)
 
-    def learn_from_429(self, now: float, *, had_retry_after: bool) -> None:
-        """For a provider with no published limit, halve the rate it may use."""
-        learner = self.learner
-        if learner is not None and learner.should_learn(now, had_retry_after=had_retry_after):
-            learner.on_rate_limited(max(self.sent.count(now), self.in_flight, 1))
-            self.bucket.set_rpm(learner.bucket_rpm)
+    def defer(self, until: float) -> None:
+        """Hold the whole provider until ``until`` without calling it a failure or a block."""
+        self.deferred_until = max(self.deferred_until, until)
 
-    def learn_from_success(self) -> None:
-        if self.learner is not None and self.learner.rpm is not None:
-            self.learner.on_success()
-            self.bucket.set_rpm(self.learner.bucket_rpm)
+    def undefer(self) -> None:
+        self.deferred_until = 0.0
+
+    def learn_from_429(
+        self, now: float, *, job_id: str | None = None, limit_kind: LimitKind | None = None
+    ) -> None:
+        """Read a 429 for ``job_id``'s attempt: a concurrency limit when the body says so,
+        else (with no published rpm) a rate: the sends the provider admitted in the window
+        before the refused one."""
+        send = self._attempts.get(job_id) if job_id is not None else None
+        if send is not None:
+            send.refused = True
+        learner = self.learner
+        if limit_kind == "concurrency":
+            in_flight = send.in_flight if send is not None else self.in_flight + 1
+            learner.on_concurrency_429(
+                in_flight, self.config.concurrency, now, source="a concurrency 429"
+            )
+            return
+        if not learner.learn_rate:
+            return
+        horizon = (send.at if send is not None else now) - UPSTREAM_WINDOW_S
+        before = send.seq if send is not None else self._seq + 1
+        admitted = sum(
+            1 for s in self._window if s.at > horizon and s.seq < before and not s.refused
+        )
+        if send is None:
+            admitted -= 1  # the refused one is among the sends counted
+        source = "a rate 429" if limit_kind == "rate" else "a 429"
+        if learner.on_rate_429(admitted, now, source=source):
+            self._sync_rate()
+
+    def learn_from_headers(self, limit: int | None, reset_s: float | None, now: float) -> None:
+        """``x-ratelimit-limit-requests``, where sent, states the rate before any 429. A reset
+        longer than the window means a longer period (Groq's counts per day): not a rate."""
+        if limit is None or (reset_s is not None and reset_s > self.bucket.window_s):
+            return
+        if self.learner.on_headers(limit, now):
+            self._sync_rate()
+
+    def learned(self) -> LearnedLimit | None:
+        """What was learned about this key, for status, persistence and other hosts."""
+        return self.learner.snapshot()
+
+    def restore_learned(self, learned: LearnedLimit) -> None:
+        """Apply a limit learned earlier (before a restart, or by another host) as if just
+        learned here; a published rpm still wins, a concurrency never exceeds the config."""
+        self.learner.restore(learned, self.config.concurrency)
+        self._sync_rate()
+
+    def _settle(self, now: float) -> None:
+        if self.learner.settle(now):
+            self._sync_rate()
+
+    def _sync_rate(self) -> None:
+        if not self.learner.learn_rate:
+            return
+        was_unlimited = not self.bucket.rpm
+        self.bucket.set_rpm(self.learner.rpm or 0)
+        if was_unlimited:  # the sends made while nothing was known count against the limit
+            self.bucket.spent_before([s.at for s in self._window])

@@ -30,21 +30,25 @@ from dispatcher.contract.chat import CallAssembler
 from dispatcher.contract.config import ProviderConfig
 from dispatcher.contract.errors import UpstreamError, status_kind
 from dispatcher.contract.protocol import ChatRequest, Chunk, EmbedRequest, Usage
-from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.core.provider_state import RPM_WINDOW_S, ProviderLimits
 from dispatcher.logs import redact_text
 from dispatcher.providers import adapters, sse, wire
 from dispatcher.providers.headers import (
     RateLimitInfo,
+    limit_kind,
+    parse_error_code,
     parse_error_message,
     rate_limit_headers,
     retry_after_seconds,
 )
 from dispatcher.providers.wire import ChatAnswer, EmbedAnswer
 from dispatcher.scheduler.job import Job
+from dispatcher.store.ledger import Decision, Deny, SharedLedger
 
 log = structlog.get_logger("dispatcher.provider")
 
 MAX_ERROR_BODY = 64 * 1024
+RELEASE_TIMEOUT_S = 2.0  # the ledger's own calls time out sooner; this bounds a bug
 
 
 @dataclass(slots=True)
@@ -56,7 +60,8 @@ class Answer:
     ratelimit: RateLimitInfo | None
 
 
-Outcome = Answer | UpstreamError | None  # None: no outcome (cancelled, handed back)
+# None: no outcome (cancelled, handed back); Deny: the fleet's ledger had no room, nothing sent.
+Outcome = Answer | UpstreamError | Deny | None
 Report = Callable[[Job, str, Outcome], None]
 
 
@@ -72,12 +77,14 @@ class ProviderActor:
         report: Report,
         *,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedLedger | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.limits = limits
         self._key = key
         self._report = report
+        self._shared = shared  # several daemons on this key: take capacity from the fleet
         self._clock = clock
         # Reservations keep it at most `concurrency` deep; the slack absorbs a reload
         # that raises the concurrency without recreating the stream.
@@ -157,6 +164,7 @@ class ProviderActor:
 
     async def _attempt(self, job: Job) -> None:
         outcome: Outcome = None
+        granted: Decision | None = None
         started = self._clock()
         budget = self.config.timeout_s
         if job.deadline is not None:
@@ -168,6 +176,11 @@ class ProviderActor:
             # fail_after raises TimeoutError only when the deadline, not a cancel, ended it.
             with anyio.fail_after(budget) as scope:
                 self._scopes[job.id] = scope
+                if self._shared is not None:
+                    granted = await self._acquire(job)
+                    if isinstance(granted, Deny):
+                        outcome = granted
+                        return
                 try:
                     answer, ratelimit = await self._call(job)
                     outcome = Answer(answer, self._clock() - started, ratelimit)
@@ -179,7 +192,28 @@ class ProviderActor:
             outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
         finally:
             self._scopes.pop(job.id, None)
+            if self._shared is not None and granted is not None and not isinstance(granted, Deny):
+                await self._release(job, outcome)
             self._report(job, self.name, outcome)
+
+    async def _acquire(self, job: Job) -> Decision:
+        """One round trip to the fleet's ledger: this key's token and slot, or a Deny."""
+        assert self._shared is not None
+        limits = self.limits
+        return await self._shared.acquire(
+            self.name,
+            job.id,
+            rpm=limits.bucket.rpm,
+            concurrency=limits.concurrency,
+            window_s=RPM_WINDOW_S,
+        )
+
+    async def _release(self, job: Job, outcome: Outcome) -> None:
+        """Give the fleet its slot back, whoever cancelled us: the second round trip."""
+        assert self._shared is not None
+        tokens = outcome.answer.usage.total_tokens if isinstance(outcome, Answer) else 0
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+            await self._shared.release(self.name, job.id, tokens=tokens)
 
     async def _call(self, job: Job) -> tuple[ChatAnswer | EmbedAnswer, RateLimitInfo | None]:
         assert self._session is not None, "run() owns the session"
@@ -202,13 +236,17 @@ class ProviderActor:
         ) as response:
             ratelimit = rate_limit_headers(response.headers)
             if response.status != 200:
+                # (imported here only because this block is all of actor.py this change owns)
                 payload = await response.content.read(MAX_ERROR_BODY)
+                code = parse_error_code(payload) if response.status == 429 else None
                 raise UpstreamError(
                     status_kind(response.status),
                     # upstreams sometimes quote the key back ("invalid key sk-..."): never pass it on
                     redact_text(parse_error_message(payload)),
                     status=response.status,
                     retry_after_s=retry_after_seconds(response.headers, time.time()),
+                    # a 429 body may say which limit it hit (zhipu: 1302 concurrency, 1303 rate)
+                    limit_kind=limit_kind(config.adapter, code),
                 )
             if isinstance(request, EmbedRequest):
                 answer = wire.parse_embed_answer(config.adapter, await response.read())

@@ -1,4 +1,5 @@
-"""What an upstream's error bodies and headers say: a message, Retry-After, rate limits."""
+"""What an upstream's error bodies and headers say: a message, an error code (which limit a
+429 hit), Retry-After, rate limits."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -86,6 +87,32 @@ def parse_error_message(payload: bytes) -> str:
         return _truncate(text) or "(empty body)"
     except Exception:  # this runs on error paths and must never raise
         return "(unreadable error body)"
+
+
+def parse_error_code(payload: bytes) -> str | None:
+    """The provider's own error code, ``{"error": {"code": "1302"}}`` (a string or an int),
+    as a string; None when there is none. Never raises."""
+    try:
+        data = _any_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, bool) or not isinstance(code, (str, int)):
+        return None
+    return str(code).strip() or None
+
+
+# The error codes that say which limit a 429 hit, per adapter. Zhipu: 1302 is
+# concurrency ("并发数过高"), 1303 frequency ("频率过高").
+_LIMIT_CODES: Final[dict[str, dict[str, Literal["rate", "concurrency"]]]] = {
+    "zhipu": {"1302": "concurrency", "1303": "rate"},
+}
+
+
+def limit_kind(adapter: str, code: str | None) -> Literal["rate", "concurrency"] | None:
+    """Which limit an error code says was hit at this adapter's provider; None: it does not say."""
+    return None if code is None else _LIMIT_CODES.get(adapter, {}).get(code)
 
 
 def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:

@@ -48,6 +48,8 @@ from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
 from dispatcher.store.cache import ResponseCache, cache_key
 from dispatcher.store.journal import Journal, StoredJob
+from dispatcher.store.ledger import SharedLedger
+from dispatcher.store.local_ledger import LocalLedger
 
 log = structlog.get_logger("dispatcher.scheduler")
 
@@ -86,6 +88,8 @@ class Scheduler:
         self.keys = keys.KeyTable()
         self.cache = ResponseCache(ttl_s=config.cache.ttl_s, max_bytes=config.cache.max_bytes)
         self.journal: Journal | None = None
+        self.ledger: LocalLedger | None = None
+        self.shared: SharedLedger | None = None  # several daemons on the same keys
         self.observers: list[Observer] = []
         self._deadlines: list[tuple[float, int, Job]] = []
         self.hedge_at: list[tuple[float, int, Job]] = []  # when a slow job gets a copy
@@ -245,6 +249,13 @@ class Scheduler:
 
     # -- provider side -----------------------------------------------------------------
 
+    def on_freed(self, provider: str) -> None:
+        """Another host gave a slot of ``provider`` back: stop deferring, plan now."""
+        limits = self.limits.get(provider)
+        if limits is not None:
+            limits.undefer()
+            self._dispatch_now(self.clock())
+
     def on_outcome(self, job: Job, provider: str, outcome: Outcome) -> None:
         """An attempt ended: success, a failure to judge, or no outcome (stopped, handed back)."""
         now = self.clock()
@@ -341,6 +352,10 @@ class Scheduler:
         self.queue.remove(job, served=True)
         limits = self.limits[name]
         limits.reserve(job.id, now, job.prompt_tokens)
+        if self.ledger is not None:  # written down, so a restart remembers the spend
+            self.ledger.spent(name)
+            if limits.daily is not None:
+                self.ledger.charged(name, job.prompt_tokens)
         job.state, job.provider = "running", name
         job.attempts += 1
         self.attempts_sent += 1

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
-from dispatcher.contract.protocol import ProviderStatus, Status
+from dispatcher.contract.protocol import FleetUse, LedgerStatus, ProviderStatus, Status
 from dispatcher.core.provider_state import ProviderLimits
 
 if TYPE_CHECKING:
@@ -14,10 +15,24 @@ if TYPE_CHECKING:
 def snapshot(scheduler: Scheduler, request_id: str | None = None) -> Status:
     now = scheduler.clock()
     queue = scheduler.queue
-    providers = {
-        name: provider_status(limits, now, queued=queue.count_provider(name))
-        for name, limits in scheduler.limits.items()
-    }
+    shared = scheduler.shared
+    fleet = shared.use() if shared is not None else {}
+    providers = {}
+    for name, limits in scheduler.limits.items():
+        state = provider_status(limits, now, queued=queue.count_provider(name))
+        use = fleet.get(name)
+        if use is not None:
+            state.fleet = FleetUse(
+                in_flight=use.in_flight,
+                window_spent=use.window_spent,
+                daily_tokens=use.daily_tokens,
+            )
+        providers[name] = state
+    ledger = (
+        LedgerStatus(mode="local")
+        if shared is None
+        else LedgerStatus(mode=shared.mode, instances=shared.instances)
+    )
     history = scheduler.history
     return Status(
         id=request_id,
@@ -29,6 +44,7 @@ def snapshot(scheduler: Scheduler, request_id: str | None = None) -> Status:
         jobs_done=history.done,
         jobs_failed=history.failed,
         recent=list(history.recent),
+        ledger=ledger,
     )
 
 
@@ -39,7 +55,7 @@ def provider_status(limits: ProviderLimits, now: float, *, queued: int) -> Provi
         kind=limits.config.kind,
         in_flight=limits.in_flight,
         queued=queued,
-        concurrency=limits.config.concurrency,
+        concurrency=limits.concurrency,
         rpm=limits.config.rpm,
         tokens=bucket.available(now) if bucket.rpm else None,
         latency_ms=round(limits.latency_s * 1000, 1),
@@ -51,7 +67,25 @@ def provider_status(limits: ProviderLimits, now: float, *, queued: int) -> Provi
         blocked_for_s=round(max(0.0, limits.blocked_until - now), 3),
         daily_tokens_left=None if limits.daily is None else limits.daily.remaining(now),
         problem=limits.problem,
+        learned=learned_note(limits, now),
     )
+
+
+def learned_note(limits: ProviderLimits, now: float) -> str | None:
+    """What was learned and from what, for a person: "30/min from a 429 at 12:01:07"."""
+    learned = limits.learned()
+    if learned is None:
+        return None
+    parts = []
+    if learned.rpm:
+        parts.append(f"{learned.rpm}/min")
+    if learned.concurrency:
+        parts.append(f"{learned.concurrency} at once")
+    if not parts:
+        return None
+    at = time.strftime("%H:%M:%S", time.localtime(time.time() - (now - learned.at)))
+    confirmed = "" if learned.confirmed else ", not yet confirmed"
+    return f"{' and '.join(parts)} from {learned.source} at {at}{confirmed}"
 
 
 def provider_state(limits: ProviderLimits, now: float) -> str:
@@ -61,7 +95,7 @@ def provider_state(limits: ProviderLimits, now: float) -> str:
         return limits.circuit.state
     if now < limits.blocked_until:
         return "rate_limited"
-    if limits.in_flight >= limits.config.concurrency:
+    if limits.in_flight >= limits.concurrency:
         return "busy"
     return "ready"
 

@@ -12,6 +12,7 @@ from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers.actor import Answer, Outcome
 from dispatcher.scheduler import results
 from dispatcher.scheduler.job import Job
+from dispatcher.store.ledger import Deny
 
 if TYPE_CHECKING:
     from dispatcher.scheduler.loop import Scheduler
@@ -24,6 +25,9 @@ def after_outcome(
 ) -> None:
     """Tell the observers, judge the outcome and carry out the verdict."""
     limits = scheduler.limits[provider]
+    if isinstance(outcome, Deny):  # another host holds the capacity: not an attempt
+        _defer(scheduler, job, limits, outcome, now)
+        return
     if isinstance(outcome, Answer):
         for observer in scheduler.observers:
             observer.on_attempt(provider, "ok", outcome.latency_s)
@@ -39,9 +43,17 @@ def after_outcome(
     if job.outcome is not None:
         return  # the race was won by its hedge; this attempt was cancelled
     was_open = limits.circuit.state == "open"
+    blocked, learned = limits.blocked_until, limits.learned()
     verdict = outcomes.judge(
         job, provider, limits, outcome, now, scheduler.config.retry, scheduler.rng
     )
+    ledger = scheduler.ledger
+    if ledger is not None:  # what a restart must remember: blocks and learned limits
+        if limits.blocked_until > blocked:
+            ledger.blocked(provider, limits.blocked_until - now)
+        new = limits.learned()
+        if new is not None and new != learned:
+            ledger.learned(provider, new, age_s=now - new.at)
     if isinstance(outcome, UpstreamError):
         if not was_open and limits.circuit.state == "open":
             log.warning("circuit.open", provider=provider, reason=outcome.short())
@@ -59,7 +71,10 @@ def after_outcome(
         case outcomes.Success():
             assert isinstance(outcome, Answer)
             if limits.daily is not None:  # the real count replaces the estimate
-                limits.daily.spend(now, outcome.answer.usage.total_tokens - job.prompt_tokens)
+                correction = outcome.answer.usage.total_tokens - job.prompt_tokens
+                limits.daily.spend(now, correction)
+                if ledger is not None:
+                    ledger.charged(provider, correction)
             result = results.build(job, provider, limits, outcome, now)
             if job.cache_key is not None:
                 scheduler.cache.put(job.cache_key, result)
@@ -68,6 +83,23 @@ def after_outcome(
             scheduler.requeue(job)
         case outcomes.Final(error):
             scheduler.finish(job, error)
+
+
+def _defer(scheduler: Scheduler, job: Job, limits: ProviderLimits, deny: Deny, now: float) -> None:
+    """The fleet's ledger said not now: give the local token back, hold the provider, requeue.
+
+    A concurrency refusal holds only briefly: a slot coming free anywhere ends it
+    (:meth:`Scheduler.on_freed`). A hedged copy is simply dropped.
+    """
+    job.attempts -= 1
+    limits.give_back(job.id)
+    limits.defer(now + deny.retry_after_s)
+    if job.hedge_of is not None:
+        job.finish(Cancelled("the fleet had no room for the hedged copy"))
+    elif job.stop is not None:
+        scheduler.finish(job, job.stop)
+    elif job.outcome is None:
+        scheduler.requeue(job)
 
 
 def _on_copy_outcome(
@@ -93,7 +125,7 @@ def _on_copy_outcome(
             scheduler.finish(original, results.build(original, provider, limits, outcome, now))
             if original.provider is not None:
                 scheduler.actors[original.provider].cancel(original.id)
-    elif outcome is not None:
+    elif isinstance(outcome, UpstreamError):
         limits.failed += 1
         limits.rate_limited += outcome.kind == "rate_limited"
 

@@ -20,7 +20,6 @@ transactions before the OS flushed them (never corrupting the file). With
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import sqlite3
 import threading
@@ -100,12 +99,6 @@ def _row(job: Job, now: float) -> tuple[object, ...]:
     key = None if job.key_released else job.request.key
     request = _encoder.encode(job.request)
     return (job.id, job.uid, key, job.digest, request, state, blob, now, finished)
-
-
-def request_digest(request: JobRequest) -> str:
-    """What makes two submits "the same job": everything but id, key and detach."""
-    content = msgspec.structs.replace(request, id="-", key=None, detach=False)
-    return hashlib.sha256(_encoder.encode(content)).hexdigest()[:32]
 
 
 @dataclass(slots=True)

@@ -13,8 +13,9 @@ from pathlib import Path
 import anyio
 
 from dispatcher.contract.protocol import ChatRequest
+from dispatcher.core.keys import request_digest
 from dispatcher.scheduler.job import Job
-from dispatcher.store.journal import Journal, request_digest
+from dispatcher.store.journal import Journal
 
 __all__ = ["unfinished_job", "write_unfinished"]
 
