@@ -10,6 +10,7 @@ the old one kept).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
@@ -28,12 +29,20 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher import logs, systemd
-from dispatcher.contract.config import Config, ConfigError, ProviderConfig, load_config, resolve_key
+from dispatcher.contract.config import (
+    Config,
+    ConfigError,
+    ProviderConfig,
+    insecure_files,
+    load_config,
+    resolve_key,
+)
 from dispatcher.contract.errors import Cancelled
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.ingress.http_front import HttpFront
 from dispatcher.ingress.metrics import serve_metrics
 from dispatcher.ingress.unix_server import Server
+from dispatcher.ingress.web import ClientTokens
 from dispatcher.providers.actor import ProviderActor
 from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
 from dispatcher.scheduler.loop import Scheduler
@@ -47,6 +56,7 @@ log = structlog.get_logger("dispatcher.app")
 
 EXIT_OK = 0
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: an actor crashed past its restart limit
+EXIT_OSERR = 71  # EX_OSERR: could not start (a port in use, a path not ours)
 
 
 @dataclass(slots=True)
@@ -77,9 +87,25 @@ class Daemon:
         self._stop = anyio.Event()
         self._force = anyio.Event()
         self._sim_key = secrets.token_hex(16) if options.simulate else None
+        self._ready = False
+        self.tokens = ClientTokens()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
+        """Serve until stopped; the process exit code.
+
+        Resource handling: one task group holds every actor, the scheduler, the
+        ledgers, the journal and the fronts; files are created private (umask 077,
+        ``state_dir`` 0700) before any is opened, since queued prompts sit in the
+        journal's WAL. Error handling: an actor past its restart limit ends the run
+        with ``EXIT_SOFTWARE``; everything else is answered to its client.
+        """
+        # Client tokens first (a missing or careless one is a ConfigError, before any bind).
+        self.tokens = ClientTokens.load(self.config.clients, self.options.environ)
+        # The journal's -wal and -shm hold prompts: nobody else may read them.
+        umask = os.umask(0o077)
+        _private_dir(Path(self.config.daemon.state_dir))
         async with AsyncExitStack() as stack:
+            stack.callback(os.umask, umask)  # as it was, for whoever embeds the daemon
             if self.options.simulate:
                 self.simulator = await stack.enter_async_context(self._make_simulator())
             try:
@@ -110,6 +136,7 @@ class Daemon:
                         providers=[n for n, p in self.scheduler.limits.items() if p.enabled],
                         simulate=self.options.simulate,
                     )
+                    self._ready = True
                     task_status.started()
                     tg.start_soon(self._watchdog)
                     await self._serve_until_stopped()
@@ -117,6 +144,12 @@ class Daemon:
             except* RestartIntensityExceeded as group:
                 log.critical("daemon.giving_up", reason=str(group.exceptions[0]))
                 self.exit_code = EXIT_SOFTWARE
+            except* OSError as group:
+                if self._ready:
+                    raise
+                # A port in use, a socket directory not ours: one line, not a traceback.
+                log.critical("daemon.cannot_start", reason=str(group.exceptions[0]))
+                self.exit_code = EXIT_OSERR
             finally:
                 for actor in self.actors.values():
                     actor.close()
@@ -125,7 +158,10 @@ class Daemon:
         return self.exit_code
 
     def _warn_unimplemented(self) -> None:
-        """Say so, once, when the configuration asks for what this version does not do."""
+        """Say so, once, when the configuration asks for what this version does not do,
+        or when its files are open to other users."""
+        for warning in insecure_files(self.options.config_path, self.config, self.options.environ):
+            log.warning("config.insecure", problem=warning)
         if self.config.cache.redis_url:
             log.warning(
                 "config.redis_cache_ignored",
@@ -168,6 +204,7 @@ class Daemon:
                     metrics,
                     socket_mode=int(daemon.socket_mode, 8),
                     socket_group=daemon.socket_group,
+                    tokens=self.tokens,
                 )
             )
 
@@ -181,6 +218,7 @@ class Daemon:
                 max_body_bytes=daemon.max_frame_bytes,
                 socket_mode=int(daemon.socket_mode, 8),
                 socket_group=daemon.socket_group,
+                tokens=self.tokens,
             )
             await tg.start(self.http.run)
 
@@ -399,6 +437,14 @@ class Daemon:
         status = self.scheduler.status()
         ready = sum(1 for p in status.providers.values() if p.state != "disabled")
         return f"serving {ready}/{len(status.providers)} providers, {status.queued} queued"
+
+
+def _private_dir(path: Path) -> None:
+    """``state_dir`` exists and only the daemon's user may enter it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # not ours (a shared mount): leave its mode alone
+        if path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
 
 
 async def _cancel_when(event: anyio.Event, scope: anyio.CancelScope) -> None:

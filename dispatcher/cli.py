@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -17,12 +18,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from dispatcher import __version__
-from dispatcher.client.connection import Client, ConnectionLost, DaemonNotRunning
+from dispatcher.client.connection import Client, ConnectionLost, DaemonNotRunning, UntrustedDaemon
 from dispatcher.contract.config import (
     Config,
     ConfigError,
     DaemonConfig,
     find_config_path,
+    insecure_files,
     load_config,
     resolve_key,
     socket_path,
@@ -30,6 +32,7 @@ from dispatcher.contract.config import (
 from dispatcher.contract.protocol import Chunk, Error, Health, Reply, Result, Status
 
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: no daemon
+EXIT_NOPERM = 77  # EX_NOPERM: the socket is served by someone we do not trust
 EXIT_FAILED = 1
 
 out = Console(highlight=False, soft_wrap=True)
@@ -48,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionLost as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}; check the daemon's logs")
         return EXIT_UNAVAILABLE
+    except UntrustedDaemon as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return EXIT_NOPERM
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {escape(str(exc))}")
         return 78
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "check-config", cmd_check_config, "validate the configuration and print what it resolves to"
     )
-    from dispatcher.tools.bench import add_bench_arguments, cmd_bench
+    from dispatcher.tools.bench_cli import add_bench_arguments, cmd_bench
 
     bench = verb("bench", cmd_bench, "run scheduling scenarios against the built-in simulator")
     add_bench_arguments(bench)
@@ -189,9 +195,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     state_dir = args.state_dir
+    scratch = None
     if state_dir is None and args.simulate and config.daemon.state_dir == DaemonConfig().state_dir:
-        # A simulated daemon is a toy: keep its journal out of the system's state directory.
-        state_dir = str(Path(tempfile.gettempdir()) / f"dispatcher-simulate-{os.getuid()}")
+        # A simulated daemon is a toy: its journal goes to a private directory of its own
+        # (mkdtemp: 0700, a name no one can take first), removed when it stops.
+        state_dir = scratch = tempfile.mkdtemp(prefix="dispatcher-simulate-")
     if state_dir:
         config = msgspec.structs.replace(
             config, daemon=msgspec.structs.replace(config.daemon, state_dir=state_dir)
@@ -202,7 +210,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         simulate=args.simulate,
         time_scale=args.time_scale,
     )
-    return run(options, config)
+    try:
+        return run(options, config)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -407,6 +419,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         classes.add_row(name, policy.strategy, " > ".join(policy.providers))
     out.print(classes)
     out.print(f"socket: {socket_path(args.socket, os.environ, config)}")
+    for warning in insecure_files(path, config, os.environ):
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
     if problems:
         err.print(
             f"[yellow]{problems} provider(s) have no key and will be disabled[/]; "

@@ -2,17 +2,22 @@
 
 JSON lines when stdout is not a terminal (journald, files, pipes), a readable
 console rendering on one. A processor masks anything that looks like an API
-key, plus every secret the daemon loaded (registered with :func:`add_secret`),
-wherever it appears in the event.
+key, plus every secret the daemon loaded (registered with :func:`add_secret`)
+and that secret's base64 forms, wherever it appears in the event.
+
+aiohttp's own loggers (and asyncio's) go through the same processors: their
+records are rendered as events on the same stream, redacted, never printed raw
+to stderr by logging's last-resort handler.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
-from typing import Any, TextIO
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Final, TextIO
 
 import structlog
 
@@ -26,16 +31,57 @@ _KEY_PATTERNS = [
 ]
 REDACTED = "[REDACTED]"
 
+# Loggers of libraries that can print request data; routed through the processors.
+FOREIGN_LOGGERS: Final = (
+    "aiohttp.access",
+    "aiohttp.client",
+    "aiohttp.internal",
+    "aiohttp.server",
+    "aiohttp.web",
+    "aiohttp.websocket",
+    "asyncio",
+)
+_HANDLER_NAME: Final = "dispatcher.redacting"
+
 _secrets: set[str] = set()
 _pattern = re.compile("|".join(_KEY_PATTERNS), re.IGNORECASE)
 
 
+def base64_forms(secret: str) -> set[str]:
+    """The secret as it reads inside base64 text: standard and urlsafe, padded or not.
+
+    Base64 packs 3 bytes into 4 characters, so a secret inside a larger encoded
+    blob (``b64("Bearer " + key)``, a JSON body) reads differently depending on
+    its offset modulo 3. For each offset this yields the characters that depend
+    on the secret's bytes alone, besides the whole encodings of the secret itself.
+    """
+    raw = secret.encode()
+    forms: set[str] = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode()
+        start = -(-8 * offset // 6)  # the first character made of the secret's bits only
+        end = 8 * (offset + len(raw)) // 6  # past the last one
+        forms.add(encoded[start:end])
+        if offset == 0:
+            forms.add(encoded)  # padded
+            forms.add(encoded.rstrip("="))
+    urlsafe = {f.translate(str.maketrans("+/", "-_")) for f in forms}
+    return {f for f in forms | urlsafe if len(f) >= 6}
+
+
+def _literals() -> Iterator[str]:
+    for secret in _secrets:
+        yield secret
+        yield from base64_forms(secret)
+
+
 def add_secret(value: str) -> None:
-    """Never log this exact string (a key the daemon loaded)."""
+    """Never log this exact string (a key the daemon loaded), nor its base64 forms."""
     global _pattern
     if len(value) >= 6 and value not in _secrets:
         _secrets.add(value)
-        literal = "|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True))
+        # Longest first: at one position the whole form wins over a shorter core.
+        literal = "|".join(re.escape(s) for s in sorted(set(_literals()), key=len, reverse=True))
         _pattern = re.compile(f"{literal}|" + "|".join(_KEY_PATTERNS), re.IGNORECASE)
 
 
@@ -74,19 +120,46 @@ def configure(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        *shared,
         structlog.processors.format_exc_info,
         redact_processor,
         renderer,
     ]
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+    _route_foreign_loggers(out, numeric_level, shared, renderer)
+
+
+def _route_foreign_loggers(out: TextIO, level: int, shared: list[Any], renderer: Any) -> None:
+    """aiohttp's and asyncio's records become redacted events on ``out``, not raw stderr."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact_processor,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    for name in FOREIGN_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        # asyncio's debug lines ("Using selector") are noise; its warnings are not.
+        logger.setLevel(max(level, logging.WARNING) if name == "asyncio" else level)
+        logger.propagate = False  # the root logger (and its last-resort stderr) never sees them

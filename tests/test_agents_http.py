@@ -98,7 +98,9 @@ class Agents:
 @asynccontextmanager
 async def serve_front(running: Running) -> AsyncIterator[str]:
     """An HTTP front on the running daemon's scheduler; yields its base URL."""
-    http = HttpFront(running.daemon.scheduler, HttpConfig(listen="127.0.0.1:0"))
+    http = HttpFront(
+        running.daemon.scheduler, HttpConfig(listen="127.0.0.1:0", allow_anonymous=True)
+    )
     async with anyio.create_task_group() as tg:
         [base] = await tg.start(http.run)
         try:

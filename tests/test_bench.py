@@ -28,6 +28,22 @@ from dispatcher.tools.bench import (
     run_priority,
     with_strategy,
 )
+from dispatcher.tools.bench_limits import (
+    FleetReport,
+    HostDiesRun,
+    LimitsBenchReport,
+    LimitsSettings,
+    learn_ideal_s,
+    limits_settings,
+    loopback_redis_url,
+    render_limits,
+    run_fleet_host_dies,
+    run_fleet_latency,
+    run_fleet_redis_down,
+    run_fleet_shared,
+    run_learn,
+)
+from tests.helpers import uvloop_only
 
 # -- lower_bound_s ---------------------------------------------------------------------
 
@@ -221,3 +237,130 @@ def test_report_renders_with_missing_measurements() -> None:
     assert "timeout: too slow" in text
     assert "missed" in text
     assert msgspec.json.decode(msgspec.json.encode(report), type=BenchReport) is not None
+
+
+# -- the limits scenarios (learn, fleet) in a reduced form: correctness only, never timing --
+
+TINY = LimitsSettings(
+    max_wall_s=20.0,
+    learn_jobs=4,
+    learn_latency_s=0.05,
+    fleet_clients=3,  # the two survivors of a host's death can still fill five slots
+    fleet_rpm=600,
+    fleet_latency_s=0.1,
+    fleet_duration_s=1.5,
+    lease_s=1.0,
+    kill_min_held=1,
+    kill_deadline_s=5.0,
+    after_kill_s=0.5,
+    redis_before_s=1.0,
+    redis_down_s=3.0,
+    redis_after_s=1.0,
+    drain_s=20.0,
+    latency_jobs=20,
+    latency_warmup=2,
+)
+
+
+def test_learn_ideal_is_one_window_then_the_rest_at_concurrency_pace() -> None:
+    """60 jobs at 5 x 1 s against 30/min: 30 in the first window, the rest 60 s on: 66 s."""
+    assert learn_ideal_s(60, limit=30, concurrency=5, latency_s=1.0) == pytest.approx(66.0)
+    assert learn_ideal_s(30, limit=30, concurrency=5, latency_s=1.0) == pytest.approx(6.0)
+    assert learn_ideal_s(4, limit=0, concurrency=5, latency_s=0.5) == pytest.approx(0.5)
+
+
+def test_limits_options_parse_and_refuse_a_remote_redis() -> None:
+    """`--scenario fleet` takes its parts and a loopback Redis URL, and nothing else."""
+    args = build_parser().parse_args(
+        ["bench", "--scenario", "fleet", "--fleet-part", "latency", "--lease-s", "2"]
+    )
+    settings = limits_settings(args)
+    assert settings.fleet_parts == ("latency",)
+    assert settings.lease_s == 2.0
+    assert settings.learn_jobs == 60
+    with pytest.raises(ValueError, match=r"loopback|127\.0\.0\.1"):
+        loopback_redis_url("redis://10.0.0.1:6379/0")
+
+
+@uvloop_only
+@pytest.mark.anyio
+async def test_tiny_learn_runs_answer_every_job(log_output: io.StringIO) -> None:
+    """Both learn runs (headers off and on) answer every pinned job without a 429."""
+    report = await run_learn(TINY, _quiet)
+    for run in (report.without_headers, report.with_headers):
+        assert run is not None
+        assert (run.succeeded, run.failed, run.upstream_429) == (4, 0, 0)
+        assert run.ideal_s > 0
+    assert not report.without_headers.rate_headers
+
+
+@uvloop_only
+@pytest.mark.anyio
+async def test_tiny_fleet_shares_the_key(log_output: io.StringIO) -> None:
+    """Three daemons on one key through Redis: no 429, never above the key's slots, shared."""
+    run = await run_fleet_shared(TINY)
+    assert run.upstream_429 == 0
+    assert 0 < run.max_in_flight <= TINY.fleet_concurrency
+    assert run.succeeded > 0
+    assert not run.errors
+    assert run.modes == ["shared"] * 3
+
+
+@uvloop_only
+@pytest.mark.anyio
+async def test_tiny_fleet_survives_a_killed_host(log_output: io.StringIO) -> None:
+    """A subprocess daemon SIGKILLed holding leases: they expire, no 429, survivors answer."""
+    run = await run_fleet_host_dies(TINY)
+    assert run.held_at_kill >= 1
+    assert run.leases_gone_s is not None
+    assert run.upstream_429 == 0
+    assert not run.survivor_errors
+    assert run.survivor_ok > 0
+
+
+@uvloop_only
+@pytest.mark.anyio
+async def test_tiny_fleet_rides_out_redis_down(log_output: io.StringIO) -> None:
+    """A private Redis stopped and restarted: no job fails or hangs, degraded then shared."""
+    run = await run_fleet_redis_down(TINY)
+    assert (run.failed, run.hung) == (0, 0)
+    assert run.degraded_after_s is not None
+    assert run.resume_s is not None
+    # 429s around the switches are a target the full-size run reports, not asserted here
+
+
+@uvloop_only
+@pytest.mark.anyio
+async def test_tiny_added_latency_is_measured(log_output: io.StringIO) -> None:
+    """One job at a time through a local and a shared daemon: every job answered, both timed."""
+    run = await run_fleet_latency(TINY)
+    assert run.errors == 0
+    assert run.local_median_ms is not None
+    assert run.shared_median_ms is not None
+
+
+def test_limits_report_renders_with_missing_measurements() -> None:
+    """A fleet report with parts unmeasured still renders, and says what was missed."""
+    report = LimitsBenchReport(
+        seed=0,
+        fleet=FleetReport(
+            redis_url="redis://127.0.0.1:6379/0",
+            lease_s=3.0,
+            host_dies=HostDiesRun(
+                lease_s=3.0,
+                held_at_kill=0,
+                leases_gone_s=None,
+                slots_back_s=None,
+                upstream_429=0,
+                survivor_errors={},
+                survivor_ok=0,
+                lost_with_host=0,
+                target_met=False,
+            ),
+            target_met=False,
+        ),
+    )
+    console = Console(file=io.StringIO(), width=200)
+    render_limits(report, console)
+    assert "missed" in console.file.getvalue()
+    assert msgspec.json.decode(msgspec.json.encode(report), type=LimitsBenchReport) == report

@@ -8,7 +8,13 @@ import msgspec
 import pytest
 
 from dispatcher.contract.chat import FunctionCall, ToolCall
-from dispatcher.contract.protocol import ChatRequest, Error, Result
+from dispatcher.contract.config import parse_config
+from dispatcher.contract.protocol import ChatRequest, Error, Result, Usage
+from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.providers.actor import Answer
+from dispatcher.providers.wire import ChatAnswer
+from dispatcher.scheduler.job import Job
+from dispatcher.scheduler.loop import Scheduler
 from dispatcher.store.cache import ResponseCache, cache_key
 from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
@@ -141,3 +147,56 @@ def test_tool_call_arguments_count_against_the_byte_budget() -> None:
         cache.put(f"k{i}", result)
     assert cache.bytes <= 5000
     assert len(cache) <= 2
+
+
+class _Handle:
+    """A provider actor that takes jobs and runs nothing (the test answers them)."""
+
+    def __init__(self, name: str, limits: ProviderLimits) -> None:
+        self.name, self.limits, self.delivered = name, limits, list[Job]()
+
+    def deliver(self, job: Job) -> bool:
+        self.delivered.append(job)
+        return True
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+
+def _scheduler(*, shared: bool) -> tuple[Scheduler, _Handle]:
+    config = parse_config(
+        {
+            "providers": {"a": {"url": "http://127.0.0.1:9", "model": "m", "concurrency": 4}},
+            "classes": {"default": {"providers": ["a"]}},
+            "cache": {"shared": shared},
+        }
+    )
+    scheduler = Scheduler(config)
+    handle = _Handle("a", ProviderLimits.from_config("a", config.providers["a"]))
+    scheduler.add_provider(handle)
+    return scheduler, handle
+
+
+def _ask(scheduler: Scheduler, uid: int) -> Job:
+    request = ChatRequest(id=f"r{uid}", messages=[{"role": "user", "content": "q"}], temperature=0)
+    return scheduler.submit(request, client=f"{uid}:1", uid=uid)
+
+
+def _answer(scheduler: Scheduler, job: Job) -> None:
+    answer = ChatAnswer(
+        content="a", reasoning=None, usage=Usage(), model=None, finish_reason="stop"
+    )
+    scheduler.on_outcome(job, "a", Answer(answer, latency_s=0.1, ratelimit=None))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["partitioned", "shared"])
+async def test_one_users_answer_is_not_another_users_cache_hit(shared: bool) -> None:
+    """By default a cached answer serves only its owner; [cache] shared = true serves all."""
+    scheduler, handle = _scheduler(shared=shared)
+    first = _ask(scheduler, uid=1001)
+    _answer(scheduler, first)
+    mine, theirs = _ask(scheduler, uid=1001), _ask(scheduler, uid=1002)
+    assert isinstance(mine.outcome, Result)
+    assert mine.outcome.cached
+    assert (theirs in handle.delivered) is not shared
+    assert isinstance(theirs.outcome, Result) is shared

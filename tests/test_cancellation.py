@@ -296,7 +296,9 @@ async def test_http_client_gone_cancels_the_job_and_frees_the_slot(
 @asynccontextmanager
 async def _front(running: Running) -> AsyncIterator[str]:
     """An HTTP front on the running daemon's scheduler; yields its address."""
-    http = HttpFront(running.daemon.scheduler, HttpConfig(listen="127.0.0.1:0"))
+    http = HttpFront(
+        running.daemon.scheduler, HttpConfig(listen="127.0.0.1:0", allow_anonymous=True)
+    )
     async with anyio.create_task_group() as tg:
         addresses = await tg.start(http.run)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,3 +242,26 @@ def test_signal_stops_serve_cleanly(tmp_path: Path, signum: signal.Signals) -> N
     assert code == 0, running.log.read_text()
     assert not Path(running.socket).exists()
     assert "daemon.stopped" in running.log.read_text()
+
+
+def test_a_port_in_use_is_one_line_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """serve with its HTTP port taken exits 71 with one line saying so, and removes its socket."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[daemon]\nsocket = "{tmp_path / "d.sock"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[http]\nlisten = "127.0.0.1:{port}"\nallow_anonymous = true\n'
+    )
+    try:
+        done = run_cli("serve", "--simulate", "--config", str(config))
+    finally:
+        busy.close()
+    assert done.returncode == 71, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    failures = [line for line in done.stdout.splitlines() if '"level": "critical"' in line]
+    assert len(failures) == 1
+    assert "address already in use" in failures[0].lower()
+    assert not (tmp_path / "d.sock").exists()

@@ -326,3 +326,66 @@ def test_check_config_fails_on_an_invalid_file(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "daemon.sokcet" in done.stderr
     assert str(path) in done.stderr
+
+
+def test_a_key_file_with_a_second_line_disables_only_that_provider(tmp_path: Path) -> None:
+    """A key file holding the key and a comment is refused at load, naming the file."""
+    key_file = tmp_path / "alpha.key"
+    key_file.write_text(f"{TEST_KEY}\n# rotated on monday\n", encoding="utf-8")
+    provider = ProviderConfig(url="http://127.0.0.1:9", model="m", api_key_file=str(key_file))
+    state = resolve_key(provider, {})
+    assert state.key is None
+    assert str(key_file) in state.masked()
+    assert "more than one line" in state.masked()
+    key_file.write_text(f"{TEST_KEY}\n", encoding="utf-8")  # a trailing newline is fine
+    assert resolve_key(provider, {}).key == TEST_KEY
+
+
+def test_a_key_pasted_into_api_key_env_is_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key written where a variable name belongs is masked in check-config and disables."""
+    pasted = "sk-" + "a1b2c3d4" * 5
+    path = write(tmp_path, MINIMAL_PROVIDER.replace('"ALPHA_KEY"', f'"{pasted}"'))
+    _code, out, err = check_config(path, monkeypatch, capsys)
+    assert pasted not in out + err
+    assert "looks like a key" in out
+    state = resolve_key(load_config(path).providers["alpha"], {})
+    assert state.key is None
+    assert pasted not in state.masked()
+
+
+def test_builtin_classes_adapt_to_the_providers_that_exist(tmp_path: Path) -> None:
+    """A config with only some of the seed providers loads: the classes keep what exists."""
+    path = write(
+        tmp_path,
+        """
+[providers.hunyuan]
+url = "http://127.0.0.1:9/v1/chat/completions"
+model = "hunyuan-lite"
+[providers.nvidia2]
+url = "http://127.0.0.1:9/v1/chat/completions"
+model = "z-ai/glm4.7"
+""",
+    )
+    config = load_config(path)
+    assert config.classes["complex"].providers == ["nvidia2"]
+    assert set(config.classes["complex"].weights) <= {"nvidia2"}
+    assert config.classes["default"].providers == ["hunyuan", "nvidia2"]
+
+
+def test_check_config_flags_a_world_writable_config_and_a_readable_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files other users could change or read are named, with what to do."""
+    key_file = tmp_path / "alpha.key"
+    key_file.write_text(TEST_KEY, encoding="utf-8")
+    key_file.chmod(0o644)
+    path = write(
+        tmp_path,
+        MINIMAL_PROVIDER.replace('api_key_env = "ALPHA_KEY"', f'api_key_file = "{key_file}"'),
+    )
+    path.chmod(0o666)
+    _code, _out, err = check_config(path, monkeypatch, capsys)
+    assert "world-writable" in err
+    assert f"chmod 600 {key_file}" in err.replace("\n", "")

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from dispatcher.contract.config import DaemonConfig
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SERVICE = DEPLOY / "dispatcher.service"
 SOCKET = DEPLOY / "dispatcher.socket"
@@ -304,3 +306,16 @@ def test_systemd_analyze_security_exposure(runnable_units: tuple[Path, Path]) ->
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
     assert match is not None, result.stdout + result.stderr
     assert float(match[1]) <= MAX_EXPOSURE
+
+
+def test_service_descriptors_leave_room_above_the_connection_cap(
+    service: configparser.RawConfigParser,
+) -> None:
+    """LimitNOFILE is set well above daemon.max_connections, so accept never hits EMFILE first."""
+    limit = int(unit_value(service, "Service", "LimitNOFILE"))
+    assert limit >= 2 * DaemonConfig().max_connections
+
+
+def test_service_files_are_private(service: configparser.RawConfigParser) -> None:
+    """The daemon's files (the journal's WAL holds prompts) are created for its user alone."""
+    assert int(unit_value(service, "Service", "UMask"), 8) & 0o077 == 0o077

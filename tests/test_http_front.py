@@ -26,8 +26,9 @@ SECRET = "sk-this-must-never-reach-the-log-0123456789"
 
 @asynccontextmanager
 async def front(running: Running, **config: Any) -> AsyncIterator[str]:
-    """An HTTP front on the running daemon's scheduler; yields its first address."""
-    http = HttpFront(running.daemon.scheduler, HttpConfig(**({"listen": "127.0.0.1:0"} | config)))
+    """An anonymous HTTP front on the running daemon's scheduler; yields its first address."""
+    defaults = {"listen": "127.0.0.1:0", "allow_anonymous": True}
+    http = HttpFront(running.daemon.scheduler, HttpConfig(**(defaults | config)))
     async with anyio.create_task_group() as tg:
         addresses = await tg.start(http.run)
         try:
@@ -417,7 +418,9 @@ async def test_stop_accepting_closes_the_listener_but_answers_open_requests(
     ) as f:
         config = build_config(chat_and_embed(f))
         async with start_daemon(config) as running, anyio.create_task_group() as tg:
-            http = HttpFront(running.daemon.scheduler, HttpConfig(listen="127.0.0.1:0"))
+            http = HttpFront(
+                running.daemon.scheduler, HttpConfig(listen="127.0.0.1:0", allow_anonymous=True)
+            )
             [base] = await tg.start(http.run)
             answers: list[int] = []
 

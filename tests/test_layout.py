@@ -101,8 +101,13 @@ DAEMON_MODULES = (
 )
 
 
-# The socket client writes its lines with the server's line writer.
-SHARED_WITH_CLIENTS = {"dispatcher.ingress", "dispatcher.ingress.line_writer"}
+# The socket client writes its lines with the server's line writer and reads the
+# listener's uid with the same helper.
+SHARED_WITH_CLIENTS = {
+    "dispatcher.ingress",
+    "dispatcher.ingress.line_writer",
+    "dispatcher.ingress.unix",
+}
 
 
 def _daemon_modules(loaded: set[str]) -> set[str]:
@@ -122,7 +127,10 @@ def _loaded_after(code: str) -> set[str]:
 def test_loading_a_config_imports_no_daemon(tmp_path: Path) -> None:
     """Parsing a config with listen addresses loads neither aiohttp nor the daemon's actors."""
     config = tmp_path / "c.toml"
-    config.write_text('[http]\nlisten = "127.0.0.1:8080"\n[metrics]\nlisten = "127.0.0.1:9464"\n')
+    config.write_text(
+        '[http]\nlisten = "127.0.0.1:8080"\nallow_anonymous = true\n'
+        '[metrics]\nlisten = "127.0.0.1:9464"\n'
+    )
     loaded = _loaded_after(
         f"from dispatcher.contract.config import load_config; load_config(__import__('pathlib').Path({str(config)!r}))"
     )

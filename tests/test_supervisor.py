@@ -9,12 +9,14 @@ import pytest
 from anyio.abc import TaskStatus
 
 from dispatcher.contract.config import ProviderConfig
+from dispatcher.contract.errors import Cancelled
 from dispatcher.contract.protocol import ChatRequest, Chunk
+from dispatcher.core.outcomes import AttemptCrashed
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers.actor import Answer, Outcome, ProviderActor
 from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
 from dispatcher.scheduler.job import Job
-from dispatcher.testing.simulator import Behaviour
+from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import fakes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("log_output")]  # quiet, fast logs
@@ -194,9 +196,9 @@ def test_hand_back_returns_every_job_waiting_in_the_inbox() -> None:
     assert reports.seen == [("j0", None), ("j1", None), ("j2", None)]
 
 
-async def test_actor_crash_hands_back_the_running_job_and_restarts() -> None:
-    """When an attempt crashes the actor, that job comes back with no outcome and the restarted
-    actor serves the next job."""
+async def test_an_attempt_that_raises_fails_its_job_and_the_actor_keeps_serving() -> None:
+    """An exception from an attempt (here the chunk sink) is that job's failure: the actor is
+    not restarted and serves the next job."""
     reports = Reports()
     time = FakeTime()
     async with fakes(p=Behaviour(name="p", latency_s=0.05, stream_chunk_interval_s=0.01)) as f:
@@ -214,12 +216,53 @@ async def test_actor_crash_hands_back_the_running_job_and_restarts() -> None:
                 await tg.start(sup.supervise, spec)
                 assert actor.deliver(crashing)
                 await reports.wait_for(1)
-                await time.slept.wait()  # crashed, handed back, backed off: now restarting
                 assert actor.deliver(make_job("after"))
                 await reports.wait_for(2)
                 tg.cancel_scope.cancel()
         actor.close()
-    assert reports.seen[0] == ("crasher", None)
+    crasher, failure = reports.seen[0]
+    assert crasher == "crasher"
+    assert isinstance(failure, AttemptCrashed)
+    assert "Crash: the chunk sink broke" in failure.detail
     assert reports.seen[1][0] == "after"
     assert isinstance(reports.seen[1][1], Answer)
+    assert sup.restarts.get("p", 0) == 0
+    assert not time.sleeps
+
+
+async def test_actor_crash_hands_back_the_running_job_and_restarts() -> None:
+    """When the actor itself crashes (here its report callback raises), a job still running
+    comes back with no outcome and the restarted actor serves the next job."""
+    reports = Reports()
+    time = FakeTime()
+
+    def report(job: Job, provider: str, outcome: Outcome) -> None:
+        reports(job, provider, outcome)
+        if job.id == "bomb":
+            raise Crash("the report callback broke")
+
+    async with fakes(p=Behaviour(name="p", latency_s=0.05)) as f:
+        actor = make_actor(f["p"].url, reports)
+        actor._report = report
+        spec = ChildSpec(name="p", child=actor, on_crash=actor.hand_back)
+        sup = supervisor(time)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                await tg.start(sup.supervise, spec)
+                f["p"].script(Fault(kind="hang"))
+                assert actor.deliver(make_job("slow"))
+                await f["p"].wait_until(lambda s: s.requests == 1)
+                bomb = make_job("bomb")
+                bomb.stop = Cancelled("stopped before it was sent")  # reports at once
+                assert actor.deliver(bomb)
+                await reports.wait_for(2)
+                await time.slept.wait()  # crashed, handed back, backed off: now restarting
+                assert actor.deliver(make_job("after"))
+                await reports.wait_for(3)
+                tg.cancel_scope.cancel()
+        actor.close()
+    assert reports.seen[0][0] == "bomb"
+    assert reports.seen[1] == ("slow", None)
+    assert reports.seen[2][0] == "after"
+    assert isinstance(reports.seen[2][1], Answer)
     assert sup.restarts["p"] == 1

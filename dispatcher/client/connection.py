@@ -11,8 +11,10 @@ reply to its request by ``id``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import pwd
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,13 +27,50 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from dispatcher.contract.protocol import Accepted, Chunk, Error, Pong, Reply
 from dispatcher.ingress.line_writer import LineWriter, PeerGone
+from dispatcher.ingress.unix import peer_uid
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
+SERVICE_USER = "dispatcher"  # the unit's User=
 PER_REQUEST_BUFFER = 256
 
 
 class DaemonNotRunning(Exception):
     """Nothing is listening on the socket; the message says how to start the daemon."""
+
+
+class UntrustedDaemon(Exception):
+    """Whoever listens on the socket is not root, us, nor the dispatcher service's user."""
+
+
+def trusted_uids(environ: Mapping[str, str] = os.environ) -> set[int]:
+    """Who may serve us: root, ourselves, the service's user, and $DISPATCHER_TRUSTED_UIDS."""
+    uids = {0, os.getuid()}
+    with contextlib.suppress(KeyError):
+        uids.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    for item in environ.get("DISPATCHER_TRUSTED_UIDS", "").split(","):
+        if item.strip().isdigit():
+            uids.add(int(item))
+    return uids
+
+
+def untrusted_peer(path: str, uid: int, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why the daemon on ``path`` must not get our prompts, or None when it may.
+
+    Anyone who can create the socket path first (a world-writable directory) could
+    listen there, read what we send and forge the answers: SO_PEERCRED names the
+    process that really listens.
+    """
+    if uid < 0 or uid in trusted_uids(environ):
+        return None
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "no such user"
+    return (
+        f"{path} is served by uid {uid} ({name}), not by root, you or the "
+        f"{SERVICE_USER} service: refusing to send it anything; if that daemon is yours to "
+        f"trust, set DISPATCHER_TRUSTED_UIDS={uid}"
+    )
 
 
 class ConnectionLost(Exception):
@@ -67,6 +106,10 @@ class Client:
                 f"permission denied on {path}; ask for membership of the socket's group "
                 "(see the README's deployment section)"
             ) from exc
+        problem = untrusted_peer(path, peer_uid(stream))
+        if problem is not None:
+            await stream.aclose()
+            raise UntrustedDaemon(problem)
         # The stream closes after the task group, outside its cancelled scope: closing
         # inside it would raise Cancelled and mask whatever the caller raised.
         async with stream, anyio.create_task_group() as tg:

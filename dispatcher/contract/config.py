@@ -46,7 +46,10 @@ class DaemonConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_frame_bytes: Positive = 16 * 1024 * 1024
     max_queued: Positive = 100_000
     max_queued_bytes: Positive = 1024 * 1024 * 1024
-    max_connections: Positive = 1024
+    max_connections: Positive = 1000  # below the unit's LimitNOFILE, with room for upstreams
+    max_connections_per_uid: Positive = 256  # one Unix user cannot take every connection
+    max_in_flight_per_connection: Positive = 10_000  # requests read and not yet answered
+    max_reply_bytes: Positive = 64 * 1024 * 1024  # replies waiting for one slow reader
     idle_timeout_s: Seconds = 3600.0
     drain_s: Seconds = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -104,6 +107,9 @@ class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     ttl_s: Seconds = 3600.0
     max_bytes: Positive = 256 * 1024 * 1024
     redis_url: str | None = None
+    # false: each owner (Unix user or client) has its own answers, so a cache hit never
+    # tells one user what another asked.
+    shared: bool = False
 
 
 class ClusterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -120,7 +126,18 @@ class ClusterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 class HttpConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     socket: str | None = None
-    listen: str | None = None
+    listen: str | None = None  # TCP needs at least one client token, or allow_anonymous
+    allow_anonymous: bool = False
+    max_connections: Positive = 256
+    header_timeout_s: Seconds = 10.0  # a request's line and headers must arrive within this
+    body_timeout_s: Seconds = 30.0  # and its body within this
+
+
+class ClientConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A client identity: its token on the HTTP front (``Authorization: Bearer``)."""
+
+    token_env: str | None = None
+    token_file: str | None = None
 
 
 class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -138,6 +155,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    clients: dict[str, ClientConfig] = msgspec.field(default_factory=dict)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
@@ -322,8 +340,9 @@ def _default_classes(providers: Mapping[str, ProviderConfig]) -> dict[str, Class
     for name in TASK_CLASSES:
         builtin = BUILTIN_CLASSES[name]
         kept = [p for p in builtin.providers if p in chat]
+        weights = {p: w for p, w in builtin.weights.items() if p in kept}
         classes[name] = (
-            msgspec.structs.replace(builtin, providers=kept)
+            msgspec.structs.replace(builtin, providers=kept, weights=weights)
             if kept
             else ClassPolicy(providers=chat)
         )
@@ -360,6 +379,11 @@ def _check_references(config: Config, source: str) -> None:
     for section, listen in (("http", config.http.listen), ("metrics", config.metrics.listen)):
         if listen is not None:
             parse_listen(listen, key=f"{source}: {section}.listen")
+    if config.http.listen and not config.clients and not config.http.allow_anonymous:
+        raise ConfigError(
+            f"{source}: http.listen: a TCP front anyone on the host can reach needs at least "
+            "one [clients.NAME] token (token_env or token_file), or http.allow_anonymous = true"
+        )
     try:
         int(config.daemon.socket_mode, 8)
     except ValueError:
@@ -410,21 +434,82 @@ class KeyState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def resolve_key(provider: ProviderConfig, environ: Mapping[str, str]) -> KeyState:
+    """Where the provider's key comes from and whether it is usable; the key itself only
+    when it is (one line, no control characters)."""
     if provider.api_key_file:
+        if _looks_like_a_key(provider.api_key_file, path=True):
+            return _pasted("api_key_file")
         path = _expand(provider.api_key_file, environ)
         try:
             key = Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
             return KeyState(source=f"file {path}", problem=f"cannot read it ({exc.strerror})")
-        if not key:
-            return KeyState(source=f"file {path}", problem="the file is empty")
-        return KeyState(source=f"file {path}", key=key)
+        except UnicodeDecodeError:
+            return KeyState(source=f"file {path}", problem="it is not UTF-8 text")
+        return _checked(key, f"file {path}", "the file")
     if provider.api_key_env:
+        if _looks_like_a_key(provider.api_key_env, path=False):
+            return _pasted("api_key_env")
         key = environ.get(provider.api_key_env, "").strip()
-        if not key:
-            return KeyState(source=f"${provider.api_key_env}", problem="not set")
-        return KeyState(source=f"${provider.api_key_env}", key=key)
+        return _checked(key, f"${provider.api_key_env}", "the variable")
     return KeyState(source="no key configured", key="")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _looks_like_a_key(value: str, *, path: bool) -> bool:
+    """A key pasted where a variable name or a file path belongs."""
+    if path:
+        return "/" not in value and "$" not in value and len(value) >= 20
+    return _ENV_NAME.fullmatch(value) is None
+
+
+def _pasted(field: str) -> KeyState:
+    return KeyState(
+        source=f"{field} (masked: it looks like a key itself)",
+        problem=(
+            f"{field} must name {'a file' if field == 'api_key_file' else 'an environment variable'}"
+            ", not hold the key: move the key there, and rotate it if the config was shared"
+        ),
+    )
+
+
+def _checked(key: str, source: str, where: str) -> KeyState:
+    if not key:
+        return KeyState(
+            source=source, problem=f"{where} is empty" if "file" in where else "not set"
+        )
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        return KeyState(
+            source=source,
+            problem=f"{where} holds more than one line or a control character; "
+            "put the key alone on one line",
+        )
+    return KeyState(source=source, key=key)
+
+
+def insecure_files(path: Path | None, config: Config, environ: Mapping[str, str]) -> list[str]:
+    """Warnings for a config anyone may change, or key files anyone may read."""
+    warnings = []
+    if path is not None and _mode(path) & 0o002:
+        warnings.append(f"{path} is world-writable: anyone on this host can change the routing")
+    for name, provider in config.providers.items():
+        if provider.api_key_file and not _looks_like_a_key(provider.api_key_file, path=True):
+            key_path = Path(_expand(provider.api_key_file, environ))
+            if _mode(key_path) & 0o004:
+                warnings.append(
+                    f"providers.{name}: the key file {key_path} is world-readable; "
+                    f"chmod 600 {key_path}"
+                )
+    return warnings
+
+
+def _mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode
+    except OSError:
+        return 0
 
 
 def _expand(path: str, environ: Mapping[str, str]) -> str:

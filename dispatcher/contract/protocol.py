@@ -7,6 +7,7 @@ clients keep working against new daemons and the other way round.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -28,9 +29,14 @@ JobState = Literal["queued", "running", "retrying", "done", "failed"]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TimeoutS = Annotated[float, msgspec.Meta(gt=0.0, le=86_400.0)]
+MIN_TIMEOUT_S = 1.0
+"""The shortest ``timeout_s`` a request may ask for: a shorter deadline cannot reach a
+provider, yet it would still spend a rate-limit token and count against the circuit.
+Checked by :class:`RequestDecoder` rather than in ``TimeoutS``, so a journaled job from
+before the floor still decodes on replay."""
 Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # MAX_ID_CHARS
 
 
 class _Request(msgspec.Struct, tag_field="op", kw_only=True):
@@ -210,6 +216,7 @@ class Status(_Reply, tag="status"):
     jobs_failed: int = 0
     recent: list[RecentJob] = msgspec.field(default_factory=list)  # newest first
     ledger: LedgerStatus | None = None
+    rss_bytes: int | None = None  # the daemon's resident memory, where the OS tells it
 
 
 class Pong(_Reply, tag="pong"):
@@ -275,38 +282,74 @@ class RequestDecoder:
     def __init__(self) -> None:
         self._typed = msgspec.json.Decoder(Request)
         self._loose = msgspec.json.Decoder()
+        self._id_only = msgspec.json.Decoder(_IdOnly)
 
-    def decode(self, line: bytes) -> Request:
+    def decode(self, line: bytes, *, line_number: int | None = None) -> Request:
         """The request on this line, or a ``ClientError`` whose message says what to fix.
 
-        The error's ``request_id`` attribute carries the line's ``id`` when one
-        could be read, so the reply can still echo it.
+        The error's ``request_id`` attribute carries the line's ``id`` whenever it can
+        be recovered, even from a line that is not valid UTF-8 or JSON, so the reply
+        can still echo it. When it cannot, and ``line_number`` (the line's number on
+        its connection, from 1) is given, the message says which line it was.
         """
         try:
             request: Request = self._typed.decode(line)
         except msgspec.ValidationError as exc:
-            raise self._explain(line, str(exc)) from None
+            error = self._explain(line, str(exc))
         except msgspec.DecodeError as exc:
             error = RequestError(
-                f"the line is not valid JSON ({exc}); send one JSON object per line"
+                f"the line is not valid JSON ({exc}); send one JSON object per line",
+                request_id=self._recover_id(line),
             )
-            raise error from None
         except UnicodeDecodeError:
-            raise RequestError("the line is not valid UTF-8; send UTF-8 encoded JSON") from None
+            error = RequestError(
+                "the line is not valid UTF-8; send UTF-8 encoded JSON",
+                request_id=self._recover_id(line),
+            )
         except RecursionError:
-            raise RequestError("the JSON is nested too deeply; flatten it") from None
-        _check(request)
-        return request
+            error = RequestError(
+                "the JSON is nested too deeply; flatten it", request_id=self._recover_id(line)
+            )
+        else:
+            _check(request)
+            return request
+        if error.request_id is None and line_number is not None:
+            error = RequestError(f"line {line_number} of this connection: {error.message}")
+        raise error
+
+    def _recover_id(self, line: bytes) -> str | None:
+        """The line's top-level ``id``, read as leniently as possible; None if unreadable.
+
+        First with a decoder that looks at ``id`` only and skips every other field
+        unchecked (a ``1e400`` or invalid UTF-8 elsewhere does not matter); then, for
+        a line that is not JSON at all, from the raw bytes, but only when the line
+        names a single ``id`` (a nested one, as in a tool call, must not be echoed)
+        and that id is itself valid UTF-8 (a mangled one matches nothing the client
+        sent).
+        """
+        try:
+            found = self._id_only.decode(line).id
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            return found if isinstance(found, str) else None
+        ids = {m["id"] for m in _RAW_ID.finditer(line)}
+        if len(ids) != 1:
+            return None
+        try:  # strict: an id that is not valid UTF-8 could never match the client's own
+            raw = json.loads(b'"' + ids.pop() + b'"')
+            raw.encode()  # nor could one with a lone surrogate
+        except (ValueError, AttributeError):
+            return None
+        return raw if isinstance(raw, str) and 0 < len(raw) <= MAX_ID_CHARS else None
 
     def _explain(self, line: bytes, message: str) -> RequestError:
-        request_id: str | None = None
+        request_id = self._recover_id(line)
         try:
             loose = self._loose.decode(line)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             loose = None
         if isinstance(loose, dict):
-            raw_id = loose.get("id")
-            request_id = raw_id if isinstance(raw_id, str) else None
             op = loose.get("op")
             if "op" in loose and op not in OPS:
                 return RequestError(
@@ -326,6 +369,17 @@ class RequestDecoder:
         return RequestError(f"{where}: {what[0].lower()}{what[1:]}", request_id=request_id)
 
 
+class _IdOnly(msgspec.Struct):
+    """A request line as far as its ``id``: every other field is skipped unchecked."""
+
+    id: Any = None
+
+
+MAX_ID_CHARS = 256
+# A JSON string member named "id": its value's characters, escapes kept.
+_RAW_ID = re.compile(rb'"id"\s*:\s*"(?P<id>(?:[^"\\\x00-\x1f]|\\.){1,1024})"')
+
+
 class RequestError(ClientError):
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
         super().__init__(message)
@@ -333,7 +387,16 @@ class RequestError(ClientError):
 
 
 def _check(request: Request) -> None:
-    """Rules msgspec's types cannot say: non-empty messages, well-formed roles."""
+    """Rules msgspec's types cannot say: non-empty messages, well-formed roles, the
+    timeout floor."""
+    timeout_s = getattr(request, "timeout_s", None)
+    if timeout_s is not None and timeout_s < MIN_TIMEOUT_S:
+        raise RequestError(
+            f"field 'timeout_s' is {timeout_s:g}, below the floor of {MIN_TIMEOUT_S:g} s: "
+            "a deadline that short cannot reach a provider; send at least "
+            f"{MIN_TIMEOUT_S:g} or leave it out",
+            request_id=request.id,
+        )
     match request:
         case ChatRequest(messages=messages):
             if not messages:

@@ -4,11 +4,24 @@ Iteration yields jobs in the order they should be served: the highest level
 first; within a level, the clients' queues interleaved one job each, starting
 from the client served least recently. So one client's 10,000-job batch sits
 beside another client's single interactive job, not in front of it.
+
+Cost: ``push`` and ``remove`` are O(1) (a new level costs a sort of the levels),
+so cancelling a whole connection's 100,000 jobs is linear, not quadratic. Each
+client's queue is an indexed structure, two insertion-ordered dicts used as
+ordered sets: ``front`` holds the jobs put back at the head (retries, hedged
+copies), newest first when read in reverse; ``back`` holds the rest in arrival
+order. Reading ``reversed(front)`` then ``back`` gives exactly the order a deque
+fed with ``appendleft`` and ``append`` would have, and a dict deletes any member
+in O(1) without tombstones, so a removed job is no longer referenced at all.
+
+A job is queued at most once, and the queue must not change while an iteration
+over it is still to be resumed (a dict's iterator raises ``RuntimeError`` then):
+the planner reads the order first and the scheduler carries the plan out after.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 
 from dispatcher.scheduler.job import Job
@@ -16,12 +29,41 @@ from dispatcher.scheduler.job import Job
 Level = tuple[int, int]
 
 
+class _ClientQueue:
+    """One client's jobs at one level, in serving order; O(1) push at either end and remove."""
+
+    __slots__ = ("back", "front")
+
+    def __init__(self) -> None:
+        self.front: dict[Job, None] = {}  # put back at the head: the newest is served first
+        self.back: dict[Job, None] = {}  # in arrival order
+
+    def __len__(self) -> int:
+        return len(self.front) + len(self.back)
+
+    def __iter__(self) -> Iterator[Job]:
+        yield from reversed(self.front)
+        yield from self.back
+
+    def push(self, job: Job, *, front: bool) -> None:
+        (self.front if front else self.back)[job] = None
+
+    def discard(self, job: Job) -> bool:
+        """Take ``job`` out; False if it is not here."""
+        if self.back.pop(job, _ABSENT) is None:
+            return True
+        return self.front.pop(job, _ABSENT) is None
+
+
+_ABSENT = object()
+
+
 class FairQueue:
     __slots__ = ("_by_class", "_by_provider", "_len", "_levels", "_order")
 
     def __init__(self) -> None:
         # level -> client -> jobs; dicts keep insertion order, used as the rotation
-        self._levels: dict[Level, dict[str, deque[Job]]] = {}
+        self._levels: dict[Level, dict[str, _ClientQueue]] = {}
         self._order: list[Level] = []  # levels, highest first
         self._len = 0
         self._by_class: Counter[str] = Counter()
@@ -44,12 +86,9 @@ class FairQueue:
         if queue is None:
             # A client new to this level is served next: it has waited for nothing yet,
             # while everyone already in the rotation has just had a turn.
-            queue = deque()
+            queue = _ClientQueue()
             clients = self._levels[level] = {job.client: queue, **clients}
-        if front:
-            queue.appendleft(job)
-        else:
-            queue.append(job)
+        queue.push(job, front=front)
         self._len += 1
         self._by_class[job.klass] += 1
         self._by_provider.update(job.eligible)
@@ -58,11 +97,7 @@ class FairQueue:
         """Take a job out; ``served`` also moves its client to the back of the rotation."""
         clients = self._levels.get(job.priority)
         queue = clients.get(job.client) if clients is not None else None
-        if clients is None or queue is None:
-            return False
-        try:
-            queue.remove(job)
-        except ValueError:
+        if clients is None or queue is None or not queue.discard(job):
             return False
         self._len -= 1
         self._by_class[job.klass] -= 1
@@ -81,16 +116,17 @@ class FairQueue:
             clients = self._levels.get(level)
             if not clients:
                 continue
-            queues = list(clients.values())
-            depth = 0
-            while queues:
+            # Round robin: one job from each client in rotation order, then the next one
+            # from each that has more, until every client's queue is read.
+            turns = [iter(queue) for queue in clients.values()]
+            while turns:
                 alive = []
-                for queue in queues:
-                    if depth < len(queue):
-                        yield queue[depth]
-                        alive.append(queue)
-                queues = alive
-                depth += 1
+                for turn in turns:
+                    job = next(turn, None)
+                    if job is not None:
+                        yield job
+                        alive.append(turn)
+                turns = alive
 
     def count_provider(self, name: str) -> int:
         """Queued jobs that may run on this provider."""

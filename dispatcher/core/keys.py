@@ -41,6 +41,14 @@ class Conflict:
 Lookup = New | Known | Conflict
 
 
+class KnownJob(Exception):
+    """The key names a finished job that only the journal still has: the shell fetches it."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 class KeyTable:
     """(uid, key) -> (content digest, job id), for every key whose job may still answer."""
 

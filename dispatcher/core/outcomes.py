@@ -12,12 +12,16 @@ The rule, in one place:
 
 - 429 blocks the provider until its Retry-After (else a backoff) and the job retries;
   a provider with no published limit learns its rate from it, and one whose error body
-  says "concurrency" learns its slots (see ``LimitLearner``).
+  says "concurrency" learns its slots (see ``LimitLearner``). The upstream chooses the
+  wait, so it is capped at ``MAX_RETRY_AFTER_S``.
 - 401/403 takes the provider out; the job falls back.
 - 5xx, timeouts, resets and unusable answers retry here after a jittered backoff and
   count against the provider's circuit.
 - Any other 4xx (not 408, 409 or 429) is final: the provider refused the request itself,
   and sending it again, there or elsewhere, would spend quota to fail the same way.
+- An attempt that raised something no translation knows (:class:`AttemptCrashed`: a bug,
+  or a local setting aiohttp refuses) takes that provider out for the job, which falls
+  back; it says nothing about the upstream's health, so the circuit does not hear of it.
 - A failure after chunks reached the client is final: a stream cannot be replayed.
 - At most ``retry.per_provider`` attempts per provider and ``retry.max_attempts`` in
   all, never past the job's deadline; an actor that dies holding a job gives it back
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from dispatcher.contract.config import RetryConfig
 from dispatcher.contract.errors import (
@@ -56,6 +60,45 @@ RETRYABLE_KINDS: frozenset[UpstreamKind] = frozenset(
 )
 # Failures that say the provider itself is sick: the circuit breaker's input.
 SICK_KINDS: frozenset[UpstreamKind] = frozenset({"server", "timeout", "connect", "bad_answer"})
+# The longest an upstream may hold a provider with Retry-After (or a rate-limit reset
+# header): past it, one request finds out whether the block is still meant.
+MAX_RETRY_AFTER_S = 3600.0
+
+E = TypeVar("E", bound=BaseException)
+
+
+class AttemptCrashed(UpstreamError):
+    """An attempt raised an exception no translation knows: a bug, or a local setting the
+    HTTP client refuses (a key with a newline makes aiohttp reject the header).
+
+    Its wire kind is ``bad_answer`` (no usable answer came back), but :func:`judge`
+    reads it apart: sending the same request through the same code would raise the
+    same way, so the provider is excluded for this job (it falls back to the others);
+    and the upstream never said anything, so the circuit does not count it: one bad
+    setting must not mark a healthy provider sick, nor every job through it.
+    """
+
+    def __init__(self, exc: Exception, detail: str) -> None:
+        super().__init__("bad_answer", f"the attempt failed inside the daemon ({detail})")
+        self.error_type = type(exc).__name__
+
+
+def bare(error: E) -> E:
+    """``error`` without its traceback and chained exceptions, to be stored on a job.
+
+    A raised exception's traceback holds the frames it passed through, and those hold
+    the job: stored on the job, it makes a cycle that only a full collection frees,
+    keeping a large request alive long after it finished.
+    """
+    error.__traceback__ = None
+    error.__context__ = None
+    error.__cause__ = None
+    return error
+
+
+def capped_wait_s(seconds: float) -> float:
+    """An upstream-chosen wait (Retry-After, a reset header), at most ``MAX_RETRY_AFTER_S``."""
+    return min(seconds, MAX_RETRY_AFTER_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +176,7 @@ def record_success(limits: ProviderLimits, answer: Answer, now: float) -> None:
         return
     limits.learn_from_headers(info.limit, info.reset_s, now)
     if info.remaining == 0 and info.reset_s:
-        limits.block(now + info.reset_s)
+        limits.block(now + capped_wait_s(info.reset_s))
 
 
 def after_stream(error: UpstreamError, *, streamed: bool) -> UpstreamError:
@@ -174,13 +217,13 @@ def _record_failure(
         wait = error.retry_after_s
         if wait is None:
             wait = backoff_s(1, retry, rng)
-        limits.block(now + wait)
+        limits.block(now + capped_wait_s(wait))
         limits.learn_from_429(now, job_id=job_id, limit_kind=error.limit_kind)
     elif error.kind == "auth":
         hint = key_hint(limits)
         error.detail = f"{error.detail}; the key was refused: check {hint}"
         return f"the key was refused (HTTP {error.status}); check {hint} and reload"
-    elif error.kind in SICK_KINDS and not stopped:
+    elif error.kind in SICK_KINDS and not stopped and not isinstance(error, AttemptCrashed):
         limits.circuit.on_failure(now)
     return None
 
@@ -194,7 +237,7 @@ def _next_step(
     rng: random.Random,
 ) -> Requeue | Final:
     """Update the job after a failed attempt: where it may go next, or its final error."""
-    job.history.append((provider, error))
+    job.history.append((provider, bare(error)))
     if error.kind == "stream_broken":
         return Final(_broken_stream(provider, error.short()))
     if error.kind == "rejected":
@@ -206,10 +249,10 @@ def _next_step(
             )
         )
     count = job.failures[provider] = job.failures.get(provider, 0) + 1
-    if not is_retryable(error) or count >= retry.per_provider:
+    if not is_retryable(error) or count >= retry.per_provider or isinstance(error, AttemptCrashed):
         job.excluded.add(provider)
     elif error.retry_after_s is not None:
-        job.holds[provider] = now + error.retry_after_s
+        job.holds[provider] = now + capped_wait_s(error.retry_after_s)
     else:
         job.holds[provider] = now + backoff_s(count, retry, rng)
     if job.deadline is not None and now >= job.deadline:

@@ -56,6 +56,7 @@ class ProviderLimits:
     latency_s: float = 1.0
     blocked_until: float = 0.0  # a Retry-After (or x-ratelimit reset) block
     deferred_until: float = 0.0  # a hold that is no failure: another host has the capacity
+    retry_after_capped: bool = False  # an upstream's wait was cut to the cap (logged once)
     running: dict[str, float] = field(default_factory=dict)  # job id -> when it started
     ok: int = 0
     failed: int = 0
@@ -90,8 +91,13 @@ class ProviderLimits:
         )
 
     def apply(self, config: ProviderConfig, *, enabled: bool, problem: str | None) -> None:
-        """New settings from a reload; running attempts and spent tokens keep counting."""
+        """New settings from a reload; running attempts and spent tokens keep counting.
+
+        A Retry-After block ends: a reload is how an admin says "try it again now" (a new
+        key, a raised quota), and the next 429 sets a new block if one is still meant.
+        """
         self.config = config
+        self.blocked_until = 0.0
         learner = self.learner
         learner.learn_rate = not config.rpm
         if config.rpm:  # a published rate always wins over a learned one

@@ -24,9 +24,23 @@ after ``WRITE_TIMEOUT_S`` instead of holding a provider slot.
 Error handling: every failure leaves as OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}`` with a fitting status and an
 ``x-should-retry`` header the official clients obey; a request the provider refused
-(its 4xx) is the client's 4xx with ``x-should-retry: false``. No authentication: the front
-is for local programs; an ``Authorization`` header is accepted, ignored and never
-logged (there is no access log at all; jobs are logged by the scheduler).
+(its 4xx) is the client's 4xx with ``x-should-retry: false``.
+
+Access: with ``[clients.NAME]`` tokens configured, every request carries
+``Authorization: Bearer <token>``; a wrong or missing one is a 401
+``invalid_api_key`` (``x-should-retry: false``) that never quotes it. The
+client's NAME is the job's fairness key (``client:NAME``) and is what the logs
+show. ``[http] allow_anonymous = true`` also serves requests with no
+``Authorization`` at all (a wrong token is still refused). Without tokens, a
+TCP ``listen`` refuses to start unless ``allow_anonymous``; a Unix socket is
+guarded by its file mode, and its ``Authorization`` header is ignored. Tokens
+and headers are never logged (there is no access log at all; jobs are logged by
+the scheduler).
+
+Limits: ``[http] max_connections`` connections at once (one more gets a 503
+and is closed), the request line and headers within ``header_timeout_s``, the
+body within ``body_timeout_s`` (or a 408, and the connection is closed), and at
+most ``max_body_bytes`` of it (413, closed), so a slow or endless body is dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +59,7 @@ import structlog
 from aiohttp import web
 from anyio.abc import TaskStatus
 
-from dispatcher.contract.config import HttpConfig
+from dispatcher.contract.config import ConfigError, HttpConfig, is_loopback, parse_listen
 from dispatcher.contract.errors import ClientError, DispatcherError, InternalError
 from dispatcher.contract.protocol import (
     ChatRequest,
@@ -58,6 +72,8 @@ from dispatcher.contract.protocol import (
     error_reply,
 )
 from dispatcher.ingress.openai_errors import (
+    InvalidToken,
+    SlowBody,
     UnknownModel,
     dumps,
     error_body_for,
@@ -78,7 +94,7 @@ from dispatcher.ingress.openai_wire import (
     route_embed,
     whole_delta,
 )
-from dispatcher.ingress.web import WebService
+from dispatcher.ingress.web import ClientTokens, WebService, is_unix_connection
 from dispatcher.scheduler.job import Job
 from dispatcher.scheduler.loop import Scheduler
 
@@ -92,6 +108,17 @@ ANSWER_GRACE_S: Final = 60.0  # the scheduler answers by the job's deadline; thi
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()
+
+CLIENT_KEY: Final = web.RequestKey("client", str)  # the token's client NAME (``_authenticate``)
+TCP_NEEDS_TOKEN: Final = (
+    "[http] listen on TCP needs at least one [clients.NAME] token, or allow_anonymous = true"
+)
+
+
+def check_access(config: HttpConfig, tokens: ClientTokens) -> None:
+    """Refuse a front anyone on the network could use: TCP with no token and no consent."""
+    if config.listen and not tokens and not config.allow_anonymous:
+        raise ConfigError(TCP_NEEDS_TOKEN)
 
 
 # -- the front ------------------------------------------------------------------------
@@ -108,10 +135,12 @@ class HttpFront:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         socket_mode: int = 0o660,
         socket_group: str | None = None,
+        tokens: ClientTokens | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.config = config
         self.max_body_bytes = max_body_bytes
+        self.tokens = tokens if tokens is not None else ClientTokens()
         self.created = int(time.time())
         self.service = WebService(
             self.build_app(),
@@ -120,27 +149,84 @@ class HttpFront:
             socket_path=config.socket,
             socket_mode=socket_mode,
             socket_group=socket_group,
+            max_connections=config.max_connections,
+            header_timeout_s=config.header_timeout_s,
+            access=self._access(),
         )
         self.open_requests = 0
+        self.refused_tokens = 0
 
     def __repr__(self) -> str:
         return f"<HttpFront {' '.join(self.service.addresses) or 'not serving'} open {self.open_requests}>"
 
     async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; ``task_status.started`` gets the bound addresses (URLs)."""
+        """Serve until cancelled; ``task_status.started`` gets the bound addresses (URLs).
+
+        Raises :class:`ConfigError` before binding anything when a TCP ``listen`` has
+        no client token and no ``allow_anonymous``.
+        """
+        check_access(self.config, self.tokens)
+        if self.config.listen and not self.tokens:
+            host, _port = parse_listen(self.config.listen, key="http.listen")
+            if not is_loopback(host):
+                log.warning(
+                    "http.anonymous_not_loopback",
+                    listen=self.config.listen,
+                    problem="allow_anonymous with no client token: anyone who can reach "
+                    "it can spend your quotas",
+                )
         await self.service.run(task_status=task_status)
+
+    def _access(self) -> str:
+        if self.tokens:
+            anonymous = " or none" if self.config.allow_anonymous else ""
+            return f"a client token{anonymous} ({', '.join(self.tokens.names)})"
+        if self.config.listen:
+            return "anonymous (allow_anonymous)" if self.config.allow_anonymous else "refused"
+        return "anonymous (the socket's file mode)"
 
     async def stop_accepting(self) -> None:
         """Close the listeners (drain); requests already open are still answered."""
         await self.service.stop_accepting()
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[openai_errors])
+        app = web.Application(
+            client_max_size=self.max_body_bytes, middlewares=[openai_errors, self._authenticate]
+        )
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
         return app
+
+    # -- access ------------------------------------------------------------------------
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Name the request's client from its bearer token, or refuse it (before routing's 404)."""
+        if self.tokens:
+            header = request.headers.get("Authorization")
+            name = self.tokens.match(header)
+            if name is None and not (header is None and self.config.allow_anonymous):
+                self.refused_tokens += 1
+                log.info(
+                    "http.unauthorized",
+                    path=request.path,
+                    problem="no Authorization header" if header is None else "unknown token",
+                )
+                raise InvalidToken(
+                    "send Authorization: Bearer <token> with a client token of this daemon"
+                    if header is None
+                    else "the bearer token is not a client token of this daemon; "
+                    "check the api_key your client sends"
+                )
+            if name is not None:
+                request[CLIENT_KEY] = name
+        elif not self.config.allow_anonymous and not is_unix_connection(request):
+            raise InvalidToken("this front serves no anonymous TCP clients")  # a bug's net
+        return await handler(request)
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -156,7 +242,7 @@ class HttpFront:
         raise UnknownModel(f"the model {name!r} does not exist; see GET /v1/models")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        raw, body = await _read_json(request)
+        raw, body = await _read_json(request, self.config.body_timeout_s)
         route = route_chat(_model_name(body), self.scheduler)
         chat = _decode(chat_payload(body, route, _request_id()), ChatRequest)
         created = int(time.time())
@@ -188,7 +274,7 @@ class HttpFront:
         return await stream.finish(outcome, include_usage=include_usage)
 
     async def _embeddings(self, request: web.Request) -> web.Response:
-        raw, body = await _read_json(request)
+        raw, body = await _read_json(request, self.config.body_timeout_s)
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise ClientError("encoding_format must be 'float' or 'base64'")
@@ -215,6 +301,9 @@ class HttpFront:
         on_chunk: Callable[[Chunk], Awaitable[None]] | None = None,
     ) -> Job:
         uid, client = peer_identity(request)
+        name = request.get(CLIENT_KEY)
+        if name is not None:
+            client = f"client:{name}"  # the token's owner: one fair share across connections
         return self.scheduler.submit(
             job_request, client=client, uid=uid, on_chunk=on_chunk, size=size
         )
@@ -337,8 +426,15 @@ def final_answer(job: Job) -> Result | Error:
 # -- request helpers ------------------------------------------------------------------
 
 
-async def _read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
-    raw = await request.read()
+async def _read_json(request: web.Request, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
+    """The body as a JSON object, read within ``timeout_s`` (aiohttp has no body deadline)."""
+    try:
+        with anyio.fail_after(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise SlowBody(
+            f"the request body did not arrive within {timeout_s:g} s; send it at once"
+        ) from None
     try:
         body = _decoder.decode(raw)
     except msgspec.DecodeError as exc:

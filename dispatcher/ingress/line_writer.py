@@ -11,7 +11,9 @@ cancelled at any point leaves its line queued, whole, and never takes other
 tasks' lines with it.
 
 Backpressure: past ``high_water`` buffered bytes, writers wait for the peer to
-read; a peer that reads nothing for ``timeout_s`` is given up on.
+read; a peer that reads nothing for ``timeout_s`` is given up on. Whatever the
+writers do, the bytes waiting for the peer (buffered, or in the send under way)
+never pass ``max_buffered``: the write that would pass it closes the writer.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ class LineWriter:
         *,
         timeout_s: float = 30.0,
         high_water: int = 4 * 1024 * 1024,
+        max_buffered: int | None = None,
         on_written: Callable[[int], None] | None = None,
     ) -> None:
         self._stream = stream
         self._timeout_s = timeout_s
         self._high_water = high_water
+        self._max_buffered = max_buffered  # None: only high_water and timeout_s bound it
+        self._in_send = 0  # bytes of the send under way
         self._on_written = on_written  # told how many counted lines each send carried
         self._buffer = bytearray()
         self._counted = 0  # counted lines in the buffer
@@ -51,7 +56,7 @@ class LineWriter:
 
     def __repr__(self) -> str:
         return (
-            f"<LineWriter buffered {len(self._buffer)} sending {self._sending} "
+            f"<LineWriter buffered {len(self._buffer)} sending {self._in_send} "
             f"closed {self.closed}>"
         )
 
@@ -84,6 +89,7 @@ class LineWriter:
         self._buffer.clear()
         self._counted = 0
         self._sending = True
+        self._in_send = len(data)
         try:
             with anyio.fail_after(self._timeout_s):
                 await self._stream.send(data)
@@ -91,6 +97,7 @@ class LineWriter:
             self.close()
         finally:
             self._sending = False
+            self._in_send = 0
             self._report(counted)
             self._notify()
 
@@ -99,11 +106,18 @@ class LineWriter:
 
         Returns at once unless more than ``high_water`` bytes are buffered; then it
         waits for the peer to read, at most ``timeout_s``. A caller cancelled while
-        it waits leaves its line queued: it still goes out.
+        it waits leaves its line queued: it still goes out. A line that would take
+        the bytes waiting for the peer past ``max_buffered`` closes the writer (the
+        peer reads too slowly to be worth the memory) and raises :class:`PeerGone`.
         """
         if self.closed:
             self._report(counted)  # unwritable: still reported, once
             raise PeerGone("the connection is closed")
+        limit = self._max_buffered
+        if limit is not None and self._in_send + len(self._buffer) + len(line) > limit:
+            self._report(counted)
+            self.close()
+            raise PeerGone(f"more than {limit:,} bytes of replies were waiting for the peer")
         self._buffer += line
         self._counted += counted
         self._queued.set()

@@ -9,7 +9,11 @@ process-global one: tests run many daemons in one process.
 
 :func:`serve_metrics` serves ``GET /metrics`` in the Prometheus text format
 (OpenMetrics when the scraper asks for it) on ``[metrics] listen`` and/or
-``[metrics] socket``, for as long as its task runs.
+``[metrics] socket``, for as long as its task runs. It is anonymous on a
+loopback address and on the socket (its file mode guards it); on any other
+address a scrape needs a ``[clients.NAME]`` token as ``Authorization: Bearer``
+(Prometheus' ``authorization`` setting), and without one configured it refuses
+to start. The ``metrics.listening`` line says which.
 
 Every metric name starts with ``dispatcher_``; labels are bounded by the
 configuration (providers, classes) and by our fixed code lists.
@@ -18,7 +22,7 @@ configuration (providers, classes) and by our fixed code lists.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, get_args
 
 import anyio
@@ -35,17 +39,23 @@ from prometheus_client import (
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from dispatcher.contract.config import MetricsConfig
+from dispatcher.contract.config import ConfigError, MetricsConfig, is_loopback, parse_listen
 from dispatcher.contract.errors import UpstreamKind
 from dispatcher.contract.protocol import Result
 from dispatcher.core.circuit import CircuitState
-from dispatcher.ingress.web import WebService
+from dispatcher.ingress.openai_errors import error_response
+from dispatcher.ingress.web import ClientTokens, WebService, is_unix_connection
 from dispatcher.scheduler.job import Job
 from dispatcher.scheduler.loop import Scheduler
 
 log = structlog.get_logger("dispatcher.metrics")
 
 # LLM answers take from tens of milliseconds (embeddings) to minutes (thinking models).
+METRICS_NEEDS_TOKEN: Final = (
+    "[metrics] listen on a non-loopback address needs at least one [clients.NAME] token "
+    "for the scraper's Authorization: Bearer header; or listen on 127.0.0.1"
+)
+MAX_CONNECTIONS: Final = 64  # scrapers are few
 LATENCY_BUCKETS: Final = (
     0.05,
     0.1,
@@ -256,6 +266,7 @@ async def serve_metrics(
     socket_mode: int = 0o660,
     socket_group: str | None = None,
     metrics: Metrics | None = None,
+    tokens: ClientTokens | None = None,
     task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` for ``scheduler`` until cancelled.
@@ -264,15 +275,28 @@ async def serve_metrics(
     can register their own collectors in it; by default a fresh one is made.
     ``task_status.started`` gets the bound addresses (``http://host:port``,
     ``unix:/path``) once every listener is up. On the way out the observer is
-    removed from the scheduler and the socket file is deleted.
+    removed from the scheduler and the socket file is deleted. A non-loopback
+    ``listen`` needs ``tokens`` (raises :class:`ConfigError` before binding otherwise).
     """
+    tokens = tokens if tokens is not None else ClientTokens()
+    needs_token = False
+    if config.listen:
+        host, _port = parse_listen(config.listen, key="metrics.listen")
+        needs_token = not is_loopback(host)
+    if needs_token and not tokens:
+        raise ConfigError(METRICS_NEEDS_TOKEN)
     # The *_created series double the output for nothing Prometheus uses. The switch is
     # process-wide, which is fine: in the daemon no one else exports metrics.
     disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
     metrics = metrics if metrics is not None else Metrics()
     metrics.attach(scheduler)
-    app = web.Application()
+    app = web.Application(middlewares=[_scraper_access(tokens)] if needs_token else [])
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    access = "anonymous (loopback, socket)"
+    if needs_token:
+        access = f"a client token on {config.listen}" + (
+            "; anonymous on the socket" if config.socket else ""
+        )
     service = WebService(
         app,
         name="metrics",
@@ -280,8 +304,31 @@ async def serve_metrics(
         socket_path=config.socket,
         socket_mode=socket_mode,
         socket_group=socket_group,
+        max_connections=MAX_CONNECTIONS,
+        access=access,
     )
     try:
         await service.run(task_status=task_status)
     finally:
         metrics.detach(scheduler)
+
+
+def _scraper_access(tokens: ClientTokens) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Over TCP a scrape needs a client token; over the Unix socket it does not."""
+
+    @web.middleware
+    async def check(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        name = tokens.match(request.headers.get("Authorization"))
+        if is_unix_connection(request) or name is not None:
+            return await handler(request)
+        log.info("metrics.unauthorized", path=request.path)
+        return error_response(
+            "bad_request",
+            "send Authorization: Bearer <token> with a client token of this daemon",
+            status=401,
+            openai_code="invalid_api_key",
+        )
+
+    return check

@@ -12,7 +12,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from dispatcher.contract.errors import DispatcherError, ErrorCode, NoProvider
+from dispatcher.contract.errors import ClientError, DispatcherError, ErrorCode, NoProvider
 from dispatcher.contract.protocol import (
     Error,
 )
@@ -51,6 +51,17 @@ ERROR_SHAPES: Final[Mapping[str, _Shape]] = {
 
 class UnknownModel(NoProvider):
     """The ``model`` names neither a class of ours nor a provider (OpenAI's 404 model_not_found)."""
+
+
+class InvalidToken(ClientError):
+    """No ``Authorization: Bearer`` client token, or not one of ours (OpenAI's 401 invalid_api_key).
+
+    The message never quotes what was sent: a wrong token may be another secret.
+    """
+
+
+class SlowBody(ClientError):
+    """The request body did not arrive within ``[http] body_timeout_s`` (408; the connection closes)."""
 
 
 def shape_for(error: DispatcherError | Error) -> _Shape:
@@ -148,14 +159,30 @@ async def openai_errors(
     """Every failure leaves in OpenAI's error format: ours, aiohttp's (404, 405, 413) and bugs."""
     try:
         return await handler(request)
+    except InvalidToken as exc:
+        response = error_response(
+            "bad_request",
+            exc.message,
+            status=401,
+            openai_code="invalid_api_key",
+            openai_type="invalid_request_error",
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="dispatcher"'
+        return response
+    except SlowBody as exc:
+        response = error_response("bad_request", exc.message, status=408, openai_code="timeout")
+        response.force_close()  # the rest of the body is not worth waiting for
+        return response
     except DispatcherError as exc:
         return response_for_error(exc)
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(
+        response = error_response(
             "frame_too_large",
             f"the request body is over the front's limit ({exc.text}); "
             "split the work into smaller requests",
         )
+        response.force_close()  # an endless body is not read to its end
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -171,3 +198,39 @@ async def openai_errors(
         return error_response(
             "internal", "the HTTP front failed on this request; see the daemon's log"
         )
+
+
+def malformed_response(status: int) -> web.Response:
+    """aiohttp's answer to a request it could not parse, without aiohttp's echo of the bad line.
+
+    The line may be an ``Authorization`` header; only its status leaves.
+    """
+    message = (
+        "the request is not valid HTTP/1.1 (a malformed request line or header)"
+        if status < 500
+        else "the HTTP front failed on this request; see the daemon's log"
+    )
+    code: ErrorCode = "bad_request" if status < 500 else "internal"
+    response = error_response(code, message, status=status)
+    response.force_close()
+    return response
+
+
+def over_capacity_bytes(limit: int) -> bytes:
+    """A whole HTTP/1.1 503 for a connection past ``[http] max_connections``, before any request."""
+    body = _encoder.encode(
+        error_body(
+            "overloaded",
+            f"the HTTP front has its {limit} connections open; retry in a moment",
+            openai_type="server_error",
+        )
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Retry-After: 1\r\n"
+        "x-should-retry: true\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body

@@ -11,7 +11,12 @@ reports "no outcome" on its way out, so the scheduler takes its job back.
 
 Error handling: aiohttp, OS and timeout exceptions are translated into
 :class:`~dispatcher.contract.errors.UpstreamError` in :func:`translate`, the one place
-foreign exceptions become ours.
+foreign exceptions become ours. Any other exception from an attempt (a bug, or a
+setting aiohttp refuses, like a key with a newline) is that job's failure,
+:class:`~dispatcher.core.outcomes.AttemptCrashed`, logged as ``attempt.crashed``:
+it never crashes the actor, which keeps serving every other job. An attempt
+that had no time left, or was stopped, before anything was sent reports
+:class:`NotSent`: the scheduler gives its token back and the circuit hears nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dispatcher.contract.chat import CallAssembler
 from dispatcher.contract.config import ProviderConfig
 from dispatcher.contract.errors import UpstreamError, status_kind
 from dispatcher.contract.protocol import ChatRequest, Chunk, EmbedRequest, Usage
+from dispatcher.core.outcomes import AttemptCrashed, bare
 from dispatcher.core.provider_state import RPM_WINDOW_S, ProviderLimits
 from dispatcher.logs import redact_text
 from dispatcher.providers import adapters, sse, wire
@@ -49,6 +55,9 @@ log = structlog.get_logger("dispatcher.provider")
 
 MAX_ERROR_BODY = 64 * 1024
 RELEASE_TIMEOUT_S = 2.0  # the ledger's own calls time out sooner; this bounds a bug
+# Less time left than this and the attempt is not sent: no upstream answers so fast,
+# and a request that cannot succeed would only spend a token and a circuit failure.
+MIN_SEND_BUDGET_S = 0.01
 
 
 @dataclass(slots=True)
@@ -60,8 +69,16 @@ class Answer:
     ratelimit: RateLimitInfo | None
 
 
-# None: no outcome (cancelled, handed back); Deny: the fleet's ledger had no room, nothing sent.
-Outcome = Answer | UpstreamError | Deny | None
+@dataclass(frozen=True, slots=True)
+class NotSent:
+    """The attempt ended before anything reached the upstream: stopped, or out of time."""
+
+    reason: str
+
+
+# None: no outcome (cancelled, handed back); Deny: the fleet's ledger had no room, nothing
+# sent; NotSent: stopped or out of time before the request went out.
+Outcome = Answer | UpstreamError | Deny | NotSent | None
 Report = Callable[[Job, str, Outcome], None]
 
 
@@ -170,8 +187,12 @@ class ProviderActor:
         if job.deadline is not None:
             budget = max(0.0, min(budget, job.deadline - started))
         try:
-            if job.stop is not None:
-                return  # stopped while it waited in the inbox
+            if job.stop is not None:  # stopped while it waited in the inbox
+                outcome = NotSent("the job was stopped before it was sent")
+                return
+            if budget < MIN_SEND_BUDGET_S:  # its deadline passed while it waited
+                outcome = NotSent(f"{budget:.3g} s left of the job's deadline")
+                return
             # One scope: its deadline is the attempt's timeout, and cancel() stops the job.
             # fail_after raises TimeoutError only when the deadline, not a cancel, ended it.
             with anyio.fail_after(budget) as scope:
@@ -185,16 +206,32 @@ class ProviderActor:
                     answer, ratelimit = await self._call(job)
                     outcome = Answer(answer, self._clock() - started, ratelimit)
                 except UpstreamError as exc:
-                    outcome = exc
+                    outcome = bare(exc)
                 except (aiohttp.ClientError, OSError, wire.AnswerFormatError) as exc:
                     outcome = translate(exc)
         except TimeoutError:
             outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
+        except Exception as exc:  # the job's failure, never the actor's crash
+            outcome = self._crashed(job, exc)
         finally:
             self._scopes.pop(job.id, None)
+            # The answer goes out first: the fleet's slot is given back after it, so the
+            # release's round trip is not on the client's path.
+            self._report(job, self.name, outcome)
             if self._shared is not None and granted is not None and not isinstance(granted, Deny):
                 await self._release(job, outcome)
-            self._report(job, self.name, outcome)
+
+    def _crashed(self, job: Job, exc: Exception) -> AttemptCrashed:
+        """An exception no translation knows: log it (redacted) and make it the job's error."""
+        detail = redact_text(f"{type(exc).__name__}: {exc}")
+        log.error(
+            "attempt.crashed",
+            job=job.id,
+            provider=self.name,
+            error_type=type(exc).__name__,
+            error=detail,
+        )
+        return AttemptCrashed(exc, f"{detail}; check {self.name}'s key and settings")
 
     async def _acquire(self, job: Job) -> Decision:
         """One round trip to the fleet's ledger: this key's token and slot, or a Deny."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 from typing import TYPE_CHECKING
 
 import structlog
@@ -19,9 +18,7 @@ log = structlog.get_logger("dispatcher.scheduler")
 
 def send_due(scheduler: Scheduler, now: float) -> None:
     """Send a second copy of slow hedgeable jobs to another provider, within budget."""
-    heap = scheduler.hedge_at
-    while heap and heap[0][0] <= now:
-        _, _, job = heapq.heappop(heap)
+    for job in list(scheduler.timers.due_hedges(now)):
         others = hedging.hedge_targets(
             job,
             scheduler.limits,
@@ -54,9 +51,25 @@ def send_due(scheduler: Scheduler, now: float) -> None:
 def call_off(scheduler: Scheduler, job: Job) -> None:
     """The original finished (it won, or gave up): its copy has nothing left to race for."""
     copy = job.hedge
-    if copy is None or copy.outcome is not None:
+    if copy is None:
         return
-    copy.stop = Cancelled("the hedged job finished")
-    copy.finish(copy.stop)
-    if not scheduler.queue.remove(copy) and copy.provider is not None:
-        scheduler.actors[copy.provider].cancel(copy.id)
+    if copy.outcome is None:
+        copy.stop = Cancelled("the hedged job finished")
+        copy.finish(copy.stop)
+        if not scheduler.queue.remove(copy) and copy.provider is not None:
+            scheduler.actors[copy.provider].cancel(copy.id)
+    if copy.provider is None:
+        end_race(job, copy)  # the copy runs nowhere: nothing reads the links any more
+
+
+def copy_ended(copy: Job) -> None:
+    """A copy's attempt reported back: once its original is over too, the race is."""
+    original = copy.hedge_of
+    if original is not None and original.outcome is not None:
+        end_race(original, copy)
+
+
+def end_race(original: Job, copy: Job) -> None:
+    """Cut the links between a finished job and its hedged copy: they make a cycle."""
+    original.hedge = None
+    copy.hedge_of = None

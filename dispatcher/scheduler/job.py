@@ -13,6 +13,7 @@ from dispatcher.contract.errors import DispatcherError, InternalError, UpstreamE
 from dispatcher.contract.protocol import Chunk, Error, JobRequest, JobState, Result, error_reply
 from dispatcher.core.admission import Admission, Kind
 from dispatcher.core.keys import request_digest
+from dispatcher.core.outcomes import bare
 
 ChunkSink = Callable[[Chunk], Awaitable[None]]
 DEFAULT_TIMEOUT_S = 600.0
@@ -20,9 +21,12 @@ DEFAULT_TIMEOUT_S = 600.0
 CLASS_RANK = {"realtime": 3, "complex": 2, "default": 1, "bulk": 0, "embed": 1}
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Job:
-    """One accepted request. Identity is the object; ``id`` is unique per daemon run and journal."""
+    """One accepted request. Identity is the object; ``id`` is unique per daemon run and journal.
+
+    Weak references are allowed, so tests can prove a finished job is freed.
+    """
 
     id: str
     request: JobRequest
@@ -91,6 +95,11 @@ class Job:
         )
 
     @property
+    def owner(self) -> str:
+        """Whose job it is: the client a token named, else the Unix user."""
+        return self.client if self.client.startswith("client:") else f"uid:{self.uid}"
+
+    @property
     def timeout_s(self) -> float:
         return self.request.timeout_s or DEFAULT_TIMEOUT_S
 
@@ -114,11 +123,12 @@ class Job:
         """Record the final answer once; later calls are ignored and return False.
 
         ``deliver=False`` leaves ``done`` unset: the journal sets it once the answer
-        is committed, so nobody sees an answer a crash could take back.
+        is committed, so nobody sees an answer a crash could take back. An error is
+        kept without its traceback, which would hold the job in a cycle.
         """
         if self.outcome is not None:
             return False
-        self.outcome = outcome
+        self.outcome = bare(outcome) if isinstance(outcome, BaseException) else outcome
         self.state = "done" if isinstance(outcome, Result) else "failed"
         if deliver:
             self.done.set()

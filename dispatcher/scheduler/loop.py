@@ -19,12 +19,16 @@ Error handling: a request that cannot be taken raises the client error that
 says why, before anything is queued. Every accepted job gets exactly one final
 answer: its result, its verdict's error, ``cancelled`` or ``timeout`` by its
 deadline, which the deadline heap enforces even when no provider answers.
+
+Memory: a finished job is referenced only by :class:`History` (for ``result``),
+so it is freed once that forgets it, by reference counting alone: the timers
+hold job ids (:mod:`~dispatcher.scheduler.timers`), the links between a job
+and its hedged copy are cut once their race is over, and stored errors carry
+no traceback (see :func:`outcomes.bare`).
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +50,7 @@ from dispatcher.scheduler import hedges, probe, replay, results, status, verdict
 from dispatcher.scheduler.handles import Observer, ProviderHandle
 from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
+from dispatcher.scheduler.timers import Timers
 from dispatcher.store.cache import ResponseCache, cache_key
 from dispatcher.store.journal import Journal, StoredJob
 from dispatcher.store.ledger import SharedLedger
@@ -57,14 +62,6 @@ MAX_IDLE_WAIT_S = 1.0  # the loop turns at least this often (watchdog, status)
 RETRY_BUDGET_MIN = 3  # retries that may always be in flight
 RETRY_BUDGET_SHARE = 0.2  # beyond that, at most this share of the attempts in flight
 EXPIRY_SCAN_EVERY_S = 0.1  # how often planning also looks for hopeless deadlines
-
-
-class KnownJob(Exception):
-    """The idempotency key names a finished job that only the journal still has."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(job_id)
-        self.job_id = job_id
 
 
 class Scheduler:
@@ -91,9 +88,7 @@ class Scheduler:
         self.ledger: LocalLedger | None = None
         self.shared: SharedLedger | None = None  # several daemons on the same keys
         self.observers: list[Observer] = []
-        self._deadlines: list[tuple[float, int, Job]] = []
-        self.hedge_at: list[tuple[float, int, Job]] = []  # when a slow job gets a copy
-        self._seq = itertools.count()
+        self.timers = Timers()
         self._wakeup = anyio.Event()
         self._changed = anyio.Event()
         self._dispatching = False
@@ -128,14 +123,14 @@ class Scheduler:
         """Accept a job or raise the client error that says why not.
 
         A request whose idempotency ``key`` this user already used returns that
-        job (raising :class:`KnownJob` when only the journal still has it).
+        job (raising :class:`~dispatcher.core.keys.KnownJob` when only the journal has it).
         """
         if request.key is not None:
             match self.keys.lookup(uid, request.key, keys.request_digest(request)):
                 case keys.Known(job_id):
                     known = self.lookup(job_id)
                     if known is None:
-                        raise KnownJob(job_id)
+                        raise keys.KnownJob(job_id)
                     return known
                 case keys.Conflict(job_id):
                     raise ClientError(
@@ -183,14 +178,14 @@ class Scheduler:
         if request.key is not None:
             self.keys.bind(uid, request.key, job.digest, job.id)
         self.active[job.id] = job
-        job.cache_key = cache_key(request, job.klass)
+        owner = None if self.config.cache.shared else job.owner
+        job.cache_key = cache_key(request, job.klass, owner=owner)
         cached = self.cache.get(job.cache_key) if job.cache_key else None
         if cached is not None:
             self.finish(job, results.from_cache(job, cached, self.clock() - now))
             return job
         self.queue.push(job)
-        if job.deadline is not None:
-            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+        self.timers.add_deadline(job)
         self._dispatch_now(now)
         return job
 
@@ -266,6 +261,7 @@ class Scheduler:
         job.provider = None
         try:
             verdicts.after_outcome(self, job, provider, outcome, now, started)
+            hedges.copy_ended(job)
         finally:
             self._dispatch_now(self.clock())  # the slot is free: fill it without a loop turn
 
@@ -284,9 +280,8 @@ class Scheduler:
             now = self.clock()
             self._expire(now)
             hedges.send_due(self, now)
-            timers = [self._dispatch(now)]
-            timers += [heap[0][0] for heap in (self.hedge_at, self._deadlines) if heap]
-            wake_at = min((t for t in timers if t is not None), default=None)
+            due = (self._dispatch(now), self.timers.next_at())
+            wake_at = min((t for t in due if t is not None), default=None)
             delay = MAX_IDLE_WAIT_S if wake_at is None else min(MAX_IDLE_WAIT_S, wake_at - now)
             if delay > 0:
                 with anyio.move_on_after(delay):
@@ -363,8 +358,7 @@ class Scheduler:
             self.retries_in_flight.add(job.id)
         streaming = isinstance(job.request, ChatRequest) and job.request.stream
         if hedging.hedgeable(job, self.config.classes.get(job.klass), streaming=streaming):
-            hedge_at = now + limits.hedge_after_s()
-            heapq.heappush(self.hedge_at, (hedge_at, next(self._seq), job))
+            self.timers.add_hedge(now + limits.hedge_after_s(), job)
         if not self.actors[name].deliver(job):
             limits.release(job.id)
             self.retries_in_flight.discard(job.id)
@@ -373,11 +367,8 @@ class Scheduler:
             self.requeue(job)
 
     def _expire(self, now: float) -> None:
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, job = heapq.heappop(heap)
-            if job.outcome is None:
-                self.cancel(job, outcomes.timeout_error(job, "did not finish before its deadline"))
+        for job in list(self.timers.due_deadlines(now, self.active)):
+            self.cancel(job, outcomes.timeout_error(job, "did not finish before its deadline"))
 
     def finish(self, job: Job, outcome: Result | DispatcherError) -> None:
         durable = job.durable and self.journal is not None
@@ -397,6 +388,7 @@ class Scheduler:
             self.journal.finish(job)
         self.queued_bytes -= job.size
         self.active.pop(job.id, None)
+        self.timers.forget(job, self.active)
         self._changed.set()
         for observer in self.observers:
             observer.on_job_done(job, outcome)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -45,7 +48,21 @@ def snapshot(scheduler: Scheduler, request_id: str | None = None) -> Status:
         jobs_failed=history.failed,
         recent=list(history.recent),
         ledger=ledger,
+        rss_bytes=rss_bytes(),
     )
+
+
+def rss_bytes() -> int | None:
+    """The daemon's resident memory now (Linux's /proc/self/statm), else its peak so far."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not peak:
+        return None
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, others KiB
 
 
 def provider_status(limits: ProviderLimits, now: float, *, queued: int) -> ProviderStatus:

@@ -9,7 +9,7 @@ import structlog
 from dispatcher.contract.errors import Cancelled, NoProvider, UpstreamError
 from dispatcher.core import outcomes
 from dispatcher.core.provider_state import ProviderLimits
-from dispatcher.providers.actor import Answer, Outcome
+from dispatcher.providers.actor import Answer, NotSent, Outcome
 from dispatcher.scheduler import results
 from dispatcher.scheduler.job import Job
 from dispatcher.store.ledger import Deny
@@ -28,9 +28,15 @@ def after_outcome(
     if isinstance(outcome, Deny):  # another host holds the capacity: not an attempt
         _defer(scheduler, job, limits, outcome, now)
         return
+    if isinstance(outcome, NotSent):  # nothing reached the upstream: not an attempt
+        _not_sent(scheduler, job, limits, outcome, now)
+        return
     if isinstance(outcome, Answer):
         for observer in scheduler.observers:
             observer.on_attempt(provider, "ok", outcome.latency_s)
+        info = outcome.ratelimit
+        if info is not None and info.remaining == 0:
+            _note_capped_wait(limits, info.reset_s)
     elif outcome is not None:
         outcome = outcomes.after_stream(outcome, streamed=job.streamed)
         for observer in scheduler.observers:
@@ -55,6 +61,7 @@ def after_outcome(
         if new is not None and new != learned:
             ledger.learned(provider, new, age_s=now - new.at)
     if isinstance(outcome, UpstreamError):
+        _note_capped_wait(limits, outcome.retry_after_s)
         if not was_open and limits.circuit.state == "open":
             log.warning("circuit.open", provider=provider, reason=outcome.short())
         log.info(
@@ -100,6 +107,39 @@ def _defer(scheduler: Scheduler, job: Job, limits: ProviderLimits, deny: Deny, n
         scheduler.finish(job, job.stop)
     elif job.outcome is None:
         scheduler.requeue(job)
+
+
+def _not_sent(
+    scheduler: Scheduler, job: Job, limits: ProviderLimits, not_sent: NotSent, now: float
+) -> None:
+    """The attempt never went out (stopped, or its deadline passed before it was sent):
+    its token comes back, the circuit hears nothing, and the job gets its stop reason or
+    its ``timeout``. A hedged copy is simply dropped."""
+    job.attempts -= 1
+    limits.give_back(job.id)
+    if limits.daily is not None and job.prompt_tokens:  # the estimate reserve() charged
+        limits.daily.spend(now, -job.prompt_tokens)
+        if scheduler.ledger is not None:
+            scheduler.ledger.charged(limits.name, -job.prompt_tokens)
+    log.info("attempt.not_sent", job=job.id, provider=limits.name, reason=not_sent.reason)
+    if job.hedge_of is not None:
+        job.finish(Cancelled("the hedged copy was not sent"))
+    elif job.outcome is None:
+        error = job.stop or outcomes.timeout_error(job, "could not start before its deadline")
+        scheduler.finish(job, error)
+
+
+def _note_capped_wait(limits: ProviderLimits, given_s: float | None) -> None:
+    """Say once per provider that an upstream asked for a longer wait than the cap."""
+    if given_s is None or given_s <= outcomes.MAX_RETRY_AFTER_S or limits.retry_after_capped:
+        return
+    limits.retry_after_capped = True
+    log.warning(
+        "provider.retry_after_capped",
+        provider=limits.name,
+        retry_after_s=given_s,
+        cap_s=outcomes.MAX_RETRY_AFTER_S,
+    )
 
 
 def _on_copy_outcome(

@@ -31,16 +31,21 @@ _encoder = msgspec.json.Encoder(order="deterministic")
 class CacheKey(msgspec.Struct, frozen=True, array_like=True):
     klass: str
     request: JobRequest
+    owner: str | None = None
 
 
-def cache_key(request: JobRequest, klass: str) -> str | None:
-    """The request's cache key, or None when it must not be served from the cache."""
+def cache_key(request: JobRequest, klass: str, *, owner: str | None = None) -> str | None:
+    """The request's cache key, or None when it must not be served from the cache.
+
+    ``owner`` partitions the cache (a Unix user, a client): a hit must never tell one
+    user what another asked. None shares it (``[cache] shared = true``).
+    """
     if request.cache is False or not cacheable(request):
         return None
     shaping = msgspec.structs.replace(
         request, id="-", key=None, detach=False, priority=0, timeout_s=None, cache=None
     )
-    return hashlib.sha256(_encoder.encode(CacheKey(klass, shaping))).hexdigest()
+    return hashlib.sha256(_encoder.encode(CacheKey(klass, shaping, owner))).hexdigest()
 
 
 def cacheable(request: JobRequest) -> bool:

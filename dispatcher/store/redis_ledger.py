@@ -588,6 +588,10 @@ class RedisLedger:
                     await self._turn(client)
             except _UNAVAILABLE as exc:
                 self._degrade(exc)
+                # Connections from before the outage would fail on first use once Redis
+                # is back, and degrade us a second time: drop them all now.
+                with anyio.move_on_after(self._timeout_s):
+                    await client.connection_pool.disconnect()
                 await anyio.sleep(PROBE_S)
             else:
                 await anyio.sleep(interval)

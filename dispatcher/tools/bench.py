@@ -19,7 +19,9 @@ fake providers' counters (:attr:`FakeProvider.stats`) for what the providers saw
   queueing between clients within a level).
 
 Latencies are multiplied by the time scale; RPM windows stay 60 s, as the real
-providers keep them. Resource handling: every daemon, socket and temporary
+providers keep them. ``--scenario learn`` and ``--scenario fleet`` (a key's limits
+when nobody published them, and shared by several daemons through Redis) live in
+:mod:`dispatcher.tools.bench_limits`, run in real time and only when named. Resource handling: every daemon, socket and temporary
 directory is closed when its scenario ends, also on Ctrl-C or the wall-time cap.
 """
 
@@ -702,9 +704,16 @@ async def run_bench(
     return report
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+def add_bench_arguments(
+    parser: argparse.ArgumentParser, *, more_scenarios: Sequence[str] = ()
+) -> None:
+    """The scheduling scenarios' options; ``more_scenarios`` run only when named."""
+    more = f"; {' and '.join(more_scenarios)} run only when named" if more_scenarios else ""
     parser.add_argument(
-        "--scenario", choices=[*SCENARIOS, "all"], default="all", help="default: all"
+        "--scenario",
+        choices=[*SCENARIOS, *more_scenarios, "all"],
+        default="all",
+        help=f"default: all ({', '.join(SCENARIOS)}){more}",
     )
     parser.add_argument(
         "--jobs", type=int, default=400, help="burst: jobs submitted at once (default 400)"
