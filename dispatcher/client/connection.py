@@ -15,13 +15,14 @@ import contextlib
 import itertools
 import os
 import pwd
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import SocketStream, TaskGroup
+from anyio.abc import SocketStream, TaskGroup, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -31,11 +32,34 @@ from dispatcher.ingress.unix import peer_uid
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 SERVICE_USER = "dispatcher"  # the unit's User=
+BACKLOG_RETRY_S = 0.01
 PER_REQUEST_BUFFER = 256
 
 
 class DaemonNotRunning(Exception):
     """Nothing is listening on the socket; the message says how to start the daemon."""
+
+
+async def _connect_unix(path: str) -> UNIXSocketStream:
+    """Connect to a Unix socket without the event loop's sock_connect.
+
+    A Unix connect never waits for a network: it succeeds or fails at once, or says
+    EAGAIN while the listener's backlog is full. uvloop's sock_connect, cancelled by a
+    deadline, can later fail inside the loop with InvalidStateError; this cannot.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:
+                await anyio.sleep(BACKLOG_RETRY_S)  # a full backlog: retry until the deadline
+        return await UNIXSocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 class UntrustedDaemon(Exception):
@@ -94,7 +118,7 @@ class Client:
     async def connect(cls, path: str, *, timeout_s: float = 5.0) -> AsyncIterator[Client]:
         try:
             with anyio.fail_after(timeout_s):
-                stream = await anyio.connect_unix(path)
+                stream = await _connect_unix(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonNotRunning(
                 f"no dispatcher is listening on {path}; start one with "
