@@ -20,6 +20,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from dispatcher.app import Daemon
 from dispatcher.client.connection import Client
 from dispatcher.contract.config import Config, parse_config
+from dispatcher.core.provider_state import ProviderLimits
+from dispatcher.scheduler.job import Job
 from dispatcher.testing.simulator import Behaviour, FakeProvider
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "REPLY_WAIT_S",
     "TEST_KEY",
     "UVLOOP",
+    "FakeClock",
+    "FakeHandle",
     "Running",
     "Wire",
     "build_config",
@@ -208,3 +212,36 @@ async def until(
     with anyio.fail_after(timeout_s):
         while not predicate():  # noqa: ASYNC110  # nothing to wait on but the state itself
             await anyio.sleep(every_s)
+
+
+# -- the scheduler shell on its own -------------------------------------------------------
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakeHandle:
+    """A provider actor that records what it is handed and runs nothing."""
+
+    name: str
+    limits: ProviderLimits
+    delivered: list[Job] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+    def deliver(self, job: Job) -> bool:
+        self.delivered.append(job)
+        return True
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)

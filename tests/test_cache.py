@@ -17,7 +17,7 @@ from dispatcher.scheduler.job import Job
 from dispatcher.scheduler.loop import Scheduler
 from dispatcher.store.cache import ResponseCache, cache_key
 from dispatcher.testing.simulator import Behaviour
-from tests.helpers import build_config, chat, fakes, provider_entry
+from tests.helpers import FakeHandle, build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 
@@ -149,21 +149,7 @@ def test_tool_call_arguments_count_against_the_byte_budget() -> None:
     assert len(cache) <= 2
 
 
-class _Handle:
-    """A provider actor that takes jobs and runs nothing (the test answers them)."""
-
-    def __init__(self, name: str, limits: ProviderLimits) -> None:
-        self.name, self.limits, self.delivered = name, limits, list[Job]()
-
-    def deliver(self, job: Job) -> bool:
-        self.delivered.append(job)
-        return True
-
-    def cancel(self, job_id: str) -> None:
-        pass
-
-
-def _scheduler(*, shared: bool) -> tuple[Scheduler, _Handle]:
+def _scheduler(*, shared: bool) -> tuple[Scheduler, FakeHandle]:
     config = parse_config(
         {
             "providers": {"a": {"url": "http://127.0.0.1:9", "model": "m", "concurrency": 4}},
@@ -172,7 +158,7 @@ def _scheduler(*, shared: bool) -> tuple[Scheduler, _Handle]:
         }
     )
     scheduler = Scheduler(config)
-    handle = _Handle("a", ProviderLimits.from_config("a", config.providers["a"]))
+    handle = FakeHandle("a", ProviderLimits.from_config("a", config.providers["a"]))
     scheduler.add_provider(handle)
     return scheduler, handle
 

@@ -12,7 +12,6 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -31,7 +30,7 @@ from dispatcher.providers.wire import ChatAnswer
 from dispatcher.scheduler.job import Job
 from dispatcher.scheduler.loop import Scheduler
 from dispatcher.testing.simulator import Behaviour, Fault
-from tests.helpers import build_config, chat, fakes, provider_entry
+from tests.helpers import FakeClock, FakeHandle, build_config, chat, fakes, provider_entry
 
 pytestmark = pytest.mark.anyio
 
@@ -234,35 +233,6 @@ def test_cancelling_100000_queued_jobs_is_linear() -> None:
 
 
 # -- the scheduler shell -----------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@dataclass
-class FakeHandle:
-    """A provider actor that records what it is handed and runs nothing."""
-
-    name: str
-    limits: ProviderLimits
-
-    def __post_init__(self) -> None:
-        self.delivered: list[Job] = []
-
-    def deliver(self, job: Job) -> bool:
-        self.delivered.append(job)
-        return True
-
-    def cancel(self, job_id: str) -> None:
-        pass
 
 
 def _config(

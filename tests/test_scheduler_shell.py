@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import anyio
 import pytest
@@ -15,40 +14,10 @@ from dispatcher.contract.protocol import ChatRequest, Result, Usage
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers.actor import Answer
 from dispatcher.providers.wire import ChatAnswer
-from dispatcher.scheduler.job import Job
 from dispatcher.scheduler.loop import Scheduler
+from tests.helpers import FakeClock, FakeHandle
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@dataclass
-class FakeHandle:
-    """A provider actor that records what it is handed and runs nothing."""
-
-    name: str
-    limits: ProviderLimits
-    delivered: list[Job] = field(default_factory=list)
-    cancelled: list[str] = field(default_factory=list)
-
-    def deliver(self, job: Job) -> bool:
-        self.delivered.append(job)
-        return True
-
-    def cancel(self, job_id: str) -> None:
-        self.cancelled.append(job_id)
 
 
 def _config(**concurrency: int) -> Config:

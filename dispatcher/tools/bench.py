@@ -850,6 +850,11 @@ def render(report: BenchReport, console: Console) -> None:
         parts.append(render_priority(report.priority))
     if report.fairness is not None:
         parts.append(render_fairness(report.fairness))
+    print_parts(console, parts)
+
+
+def print_parts(console: Console, parts: list[tuple[Table, list[str]]]) -> None:
+    """Each scenario's table with its notes under it."""
     for table, notes in parts:
         console.print()
         console.print(table)

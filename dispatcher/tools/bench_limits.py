@@ -79,6 +79,7 @@ from dispatcher.tools.bench import (
     _verdict,
     capacity,
     percentile,
+    print_parts,
 )
 
 if TYPE_CHECKING:  # aiohttp, redis and the daemon load only when a scenario runs
@@ -1247,11 +1248,7 @@ def render_limits(report: LimitsBenchReport, console: Console) -> None:
         parts.append(render_learn(report.learn))
     if report.fleet is not None:
         parts.append(render_fleet(report.fleet))
-    for table, notes in parts:
-        console.print()
-        console.print(table)
-        for note in notes:
-            console.print(f"  {note}")
+    print_parts(console, parts)
 
 
 def render_learn(report: LearnReport) -> tuple[Table, list[str]]:
