@@ -61,3 +61,15 @@ def start_daemon(tmp_path: Path) -> Callable[..., Any]:
                 daemon.request_stop()  # tests do not wait for a drain unless they ask for one
 
     return start
+
+
+@pytest.fixture(autouse=True)
+def _fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with the redaction it would have in a fresh daemon.
+
+    Every simulated daemon registers a random key (and its base64 forms); kept for
+    the whole session, they made one redaction regex of thousands of alternatives
+    that slowed every log line of the tests that came late in the run.
+    """
+    monkeypatch.setattr(logs, "_secrets", set(logs._secrets))
+    monkeypatch.setattr(logs, "_pattern", logs._pattern)
