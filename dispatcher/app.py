@@ -46,6 +46,7 @@ from dispatcher.ingress.web import ClientTokens
 from dispatcher.providers.actor import ProviderActor
 from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
 from dispatcher.scheduler.loop import Scheduler
+from dispatcher.store.embed_cache import EmbedCache
 from dispatcher.store.journal import Journal
 from dispatcher.store.local_ledger import LocalLedger
 
@@ -117,6 +118,7 @@ class Daemon:
                     await tg.start(self.scheduler.run)
                     await self._start_metrics(tg)
                     await self._open_ledger(stack, tg)
+                    await self._open_embed_cache(stack, tg)
                     if self.config.journal.enabled:
                         await self._open_journal(stack, tg)
                     inherited = systemd.listen_fds()
@@ -242,6 +244,26 @@ class Daemon:
         await tg.start(ledger.run)
         if restored:
             log.info("ledger.restored", sends=restored, blocks=sorted(snapshot.blocks))
+
+    async def _open_embed_cache(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
+        """Open the per-text embedding cache of earlier runs, before the journal replays.
+
+        One that cannot be opened (a read-only state_dir) is logged, and an in-memory
+        one serves instead: vectors are cached until the daemon stops.
+        """
+        cache = EmbedCache(
+            Path(self.config.daemon.state_dir) / "embeddings.sqlite3",
+            max_bytes=self.config.cache.embed_max_bytes,
+        )
+        try:
+            await anyio.to_thread.run_sync(cache.open)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("embed_cache.unavailable", path=str(cache.path), error=str(exc))
+            cache = EmbedCache(None, max_bytes=self.config.cache.embed_max_bytes)
+            cache.open()
+        stack.callback(cache.close)
+        self.scheduler.embed_cache = cache
+        await tg.start(cache.run)
 
     async def _open_journal(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
         """Open the journal and replay what a previous run left unfinished."""

@@ -375,9 +375,18 @@ def status_table(status: Status) -> Table:
             str(p.failed),
             str(p.rate_limited),
         )
-    problems = [f"{n}: {p.problem}" for n, p in status.providers.items() if p.problem]
-    if problems:
-        table.caption = "\n".join(problems)
+    lines = [f"{n}: {p.problem}" for n, p in status.providers.items() if p.problem]
+    cache = status.cache
+    if cache is not None:
+        kinds = ", ".join(
+            f"{kind} {c.hits:,}/{c.hits + c.misses:,} hits" for kind, c in cache.kinds.items()
+        )
+        lines.append(
+            f"cache: {kinds}; {cache.embed_texts:,} vectors ({cache.embed_bytes / 1e6:.1f} MB); "
+            f"{cache.texts_per_request:g} texts per embeddings request"
+        )
+    if lines:
+        table.caption = "\n".join(lines)
         table.caption_justify = "left"
     return table
 

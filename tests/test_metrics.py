@@ -107,6 +107,23 @@ async def test_scrape_reads_live_status_gauges(start_daemon: Any) -> None:
     assert value(samples, "dispatcher_provider_state", provider="a", state="busy") == 1
 
 
+async def test_scrape_shows_the_caches_and_embeddings_batching(start_daemon: Any) -> None:
+    """Cache hits and misses per kind, the embedding cache and texts per request are scraped."""
+    async with fakes(e=Behaviour(name="e", kind="embed", embed_dims=4)) as f:
+        config = build_config({"e": provider_entry(f["e"])})
+        async with start_daemon(config) as running, metrics_server(running) as addresses:
+            async with running.client() as client:
+                await client.call({"op": "embed", "input": ["a", "b"]})
+                await client.call({"op": "embed", "input": ["a"]})
+            _, samples = await scrape(addresses[0])
+    assert value(samples, "dispatcher_cache_hits_total", kind="embed") == 1
+    assert value(samples, "dispatcher_cache_misses_total", kind="embed") == 2
+    assert value(samples, "dispatcher_embed_cache_texts") == 2
+    assert value(samples, "dispatcher_embed_cache_bytes") == 2 * 4 * 4
+    assert value(samples, "dispatcher_embed_requests_total") == 1
+    assert value(samples, "dispatcher_embed_texts_per_request") == 2
+
+
 async def test_upstream_429_is_counted(start_daemon: Any) -> None:
     """A 429 from upstream shows in the 429 counter and as a rate_limited attempt."""
     async with fakes(a=Behaviour(name="a")) as f:

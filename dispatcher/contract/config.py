@@ -75,6 +75,13 @@ class ProviderConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     capabilities: list[Capability] = msgspec.field(default_factory=list)
     # Merged into every request body of this provider (a job's own `extra` wins).
     extra_body: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Embeddings only: texts per upstream request (texts of several jobs are packed into
+    # one), the largest text accepted (estimated tokens), an optional cap on a request's
+    # estimated tokens, and how long a batch may wait to fill while request tokens are scarce.
+    max_batch: Positive = 32
+    max_input_tokens: Positive = 8192
+    max_request_tokens: Positive | None = None
+    batch_linger_ms: Annotated[float, msgspec.Meta(ge=0)] = 50.0
 
 
 class ClassPolicy(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -110,6 +117,8 @@ class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     # false: each owner (Unix user or client) has its own answers, so a cache hit never
     # tells one user what another asked.
     shared: bool = False
+    # The per-text embedding cache in state_dir/embeddings.sqlite3 (LRU past this size).
+    embed_max_bytes: Positive = 1024 * 1024 * 1024
 
 
 class ClusterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -226,6 +235,10 @@ BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
         rpm=5,
         daily_tokens=500_000,
         latency_s=0.10,
+        # Our assumption, not a published limit: 32 texts per request is what we rely on.
+        max_batch=32,
+        # bge-large-zh-v1.5 reads at most 512 tokens per text.
+        max_input_tokens=512,
     ),
 }
 

@@ -161,6 +161,8 @@ class Result(_Reply, tag="result"):
     # None only before it is set: the daemon always sends true or false (omit_defaults
     # leaves out fields equal to their default, and a client must always see this one).
     cached: bool | None = None
+    # Embeddings: how many of the texts came from the per-text cache (absent: none).
+    cached_texts: int | None = None
 
 
 class ProviderStatus(msgspec.Struct, kw_only=True):
@@ -197,6 +199,22 @@ class LedgerStatus(msgspec.Struct, kw_only=True):
     instances: int = 1  # daemons seen alive, this one included
 
 
+class CacheHits(msgspec.Struct, kw_only=True):
+    hits: int = 0
+    misses: int = 0
+
+
+class CacheStatus(msgspec.Struct, kw_only=True):
+    """The caches: hits and misses per kind (chat: whole answers; embed: texts), the
+    per-text embedding cache's size, and how many texts an embeddings request carried."""
+
+    kinds: dict[str, CacheHits] = msgspec.field(default_factory=dict)
+    embed_texts: int = 0  # vectors in the embedding cache
+    embed_bytes: int = 0  # their bytes (float32), against [cache] embed_max_bytes
+    embed_requests: int = 0  # embeddings requests sent upstream
+    texts_per_request: float = 0.0  # their average number of texts
+
+
 class RecentJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     job: str
     cls: str
@@ -217,6 +235,7 @@ class Status(_Reply, tag="status"):
     recent: list[RecentJob] = msgspec.field(default_factory=list)  # newest first
     ledger: LedgerStatus | None = None
     rss_bytes: int | None = None  # the daemon's resident memory, where the OS tells it
+    cache: CacheStatus | None = None
 
 
 class Pong(_Reply, tag="pong"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dispatcher.contract.config import Config
-from dispatcher.contract.errors import Overloaded
+from dispatcher.contract.errors import ClientError, Overloaded
 from dispatcher.contract.protocol import EmbedRequest, JobRequest
 from dispatcher.core.classify import (
     Refusal,
@@ -24,6 +24,7 @@ from dispatcher.core.classify import (
     needed_capabilities,
     weighted_pick,
 )
+from dispatcher.core.packing import oversized
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.core.tokens import estimate_messages, estimate_text
 
@@ -102,7 +103,7 @@ def route(
     """
     if isinstance(request, EmbedRequest):
         described = describe(request)
-        eligible = classify_embed(request.providers, config, limits)
+        eligible = _fitting(request, classify_embed(request.providers, config, limits), config)
         check_quota(eligible, limits, described.prompt_tokens, now)
         return Admission("embed", "embed", described.prompt_tokens, eligible)
     tokens = estimate_messages(request.messages)
@@ -125,6 +126,29 @@ def route(
     return Admission("chat", klass, tokens, eligible, pick)
 
 
+def _fitting(request: EmbedRequest, eligible: tuple[str, ...], config: Config) -> tuple[str, ...]:
+    """The providers whose ``max_input_tokens`` every text fits; none: the text too big."""
+    sizes = [estimate_text(text) for text in embed_inputs(request)]
+    fitting = tuple(
+        p for p in eligible if oversized(sizes, config.providers[p].max_input_tokens) is None
+    )
+    if fitting:
+        return fitting
+    limit = max(config.providers[p].max_input_tokens for p in eligible)
+    found = oversized(sizes, limit)
+    assert found is not None
+    index, size = found
+    raise ClientError(
+        f"input[{index}] is about {size:,} tokens, more than max_input_tokens ({limit:,}) "
+        f"of {', '.join(eligible)}; shorten or split that text"
+    )
+
+
+def embed_inputs(request: EmbedRequest) -> list[str]:
+    """An embed request's texts as a list (a single string is one text)."""
+    return [request.input] if isinstance(request.input, str) else request.input
+
+
 def _bound(
     refusal: Callable[[str, JobRequest], str | None] | None, request: JobRequest
 ) -> Refusal | None:
@@ -136,6 +160,7 @@ def _bound(
 def describe(request: JobRequest) -> Admission:
     """Kind, class and size alone, with no routing (a job that will not run again)."""
     if isinstance(request, EmbedRequest):
-        inputs = [request.input] if isinstance(request.input, str) else request.input
-        return Admission("embed", "embed", sum(estimate_text(text) for text in inputs))
+        return Admission(
+            "embed", "embed", sum(estimate_text(text) for text in embed_inputs(request))
+        )
     return Admission("chat", request.task or "default", estimate_messages(request.messages))

@@ -37,11 +37,11 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dispatcher.contract.config import ConfigError, MetricsConfig, is_loopback, parse_listen
 from dispatcher.contract.errors import UpstreamKind
-from dispatcher.contract.protocol import Result
+from dispatcher.contract.protocol import CacheStatus, Result
 from dispatcher.core.circuit import CircuitState
 from dispatcher.ingress.openai_errors import error_response
 from dispatcher.ingress.web import ClientTokens, WebService, is_unix_connection
@@ -253,6 +253,43 @@ class StatusCollector:
         yield from gauges.values()
         yield circuit
         yield state
+        if status.cache is not None:
+            yield from _cache_metrics(status.cache)
+
+
+def _cache_metrics(cache: CacheStatus) -> Iterable[Metric]:
+    """Cache hits and misses per kind (embed: texts), the embedding cache, the batching."""
+    hits = CounterMetricFamily(
+        "dispatcher_cache_hits",
+        "Cache hits, by kind (chat: answers; embed: texts).",
+        labels=["kind"],
+    )
+    misses = CounterMetricFamily(
+        "dispatcher_cache_misses",
+        "Cache misses, by kind (chat: answers; embed: texts).",
+        labels=["kind"],
+    )
+    for kind, counts in cache.kinds.items():
+        hits.add_metric([kind], counts.hits)
+        misses.add_metric([kind], counts.misses)
+    yield hits
+    yield misses
+    yield _gauge(
+        "dispatcher_embed_cache_texts", "Vectors in the embedding cache.", cache.embed_texts
+    )
+    yield _gauge(
+        "dispatcher_embed_cache_bytes", "Bytes of the embedding cache's vectors.", cache.embed_bytes
+    )
+    yield CounterMetricFamily(
+        "dispatcher_embed_requests",
+        "Embeddings requests sent upstream.",
+        value=cache.embed_requests,
+    )
+    yield _gauge(
+        "dispatcher_embed_texts_per_request",
+        "Average texts per embeddings request sent upstream.",
+        cache.texts_per_request,
+    )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

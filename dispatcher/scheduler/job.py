@@ -10,7 +10,15 @@ import anyio
 import msgspec
 
 from dispatcher.contract.errors import DispatcherError, InternalError, UpstreamError
-from dispatcher.contract.protocol import Chunk, Error, JobRequest, JobState, Result, error_reply
+from dispatcher.contract.protocol import (
+    Chunk,
+    Error,
+    JobRequest,
+    JobState,
+    Result,
+    Usage,
+    error_reply,
+)
 from dispatcher.core.admission import Admission, Kind
 from dispatcher.core.keys import request_digest
 from dispatcher.core.outcomes import bare
@@ -19,6 +27,36 @@ ChunkSink = Callable[[Chunk], Awaitable[None]]
 DEFAULT_TIMEOUT_S = 600.0
 
 CLASS_RANK = {"realtime": 3, "complex": 2, "default": 1, "bulk": 0, "embed": 1}
+
+
+@dataclass(slots=True)
+class EmbedWork:
+    """An embed job's texts on their way: which are answered, which wait, which are out.
+
+    A job's texts may be answered by the cache, split over several upstream requests and
+    packed beside other jobs' texts (:mod:`dispatcher.scheduler.batches`); the job is
+    answered once every text has its vector.
+    """
+
+    texts: list[str]
+    tokens: list[int]  # estimated tokens per text
+    keys: list[bytes] | None  # embedding-cache key per text; None: the job skips the cache
+    vectors: list[list[float] | None]
+    unsent: list[int]  # indices waiting for a request, in input order
+    in_flight: int = 0  # texts in requests not yet answered
+    cached: int = 0  # texts answered from the cache
+    usage: Usage = field(default_factory=Usage)
+    owner: str | None = None  # whose cache entries these are (None: the shared cache)
+    model: str = ""  # the configured model its vectors come from (and are cached under)
+    provider: str = ""  # where its last texts were answered
+    answered_model: str = ""  # the model that provider reported
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one packed upstream request carries: per member job, (its text index, position)."""
+
+    members: list[tuple[Job, list[tuple[int, int]]]]
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)
@@ -58,6 +96,8 @@ class Job:
     cache_key: str | None = None  # where its answer goes in the response cache
     hedge: Job | None = None  # the second copy sent while this one was slow
     hedge_of: Job | None = None  # set on that copy: the job it races for
+    embed: EmbedWork | None = None  # an embed job's texts, packed into shared requests
+    batch: Batch | None = None  # set on a packed request: the member jobs it answers
     outcome: Result | Error | DispatcherError | None = None  # Error: replayed from the journal
     done: anyio.Event = field(default_factory=anyio.Event)
     persisted: anyio.Event = field(default_factory=anyio.Event)  # its journal row is committed

@@ -39,19 +39,27 @@ from anyio.abc import TaskStatus
 
 from dispatcher.contract.config import Config
 from dispatcher.contract.errors import Cancelled, ClientError, DispatcherError
-from dispatcher.contract.protocol import ChatRequest, JobRequest, ProbeResult, Result, Status
+from dispatcher.contract.protocol import (
+    ChatRequest,
+    EmbedRequest,
+    JobRequest,
+    ProbeResult,
+    Result,
+    Status,
+)
 from dispatcher.core import admission, hedging, keys, outcomes
 from dispatcher.core.fair_queue import FairQueue
 from dispatcher.core.plan import EXPIRY_SCAN, plan
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers import adapters
 from dispatcher.providers.actor import Outcome
-from dispatcher.scheduler import hedges, probe, replay, results, status, verdicts
+from dispatcher.scheduler import batches, hedges, probe, replay, results, status, verdicts
 from dispatcher.scheduler.handles import Observer, ProviderHandle
 from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
 from dispatcher.scheduler.timers import Timers
 from dispatcher.store.cache import ResponseCache, cache_key
+from dispatcher.store.embed_cache import EmbedCache
 from dispatcher.store.journal import Journal, StoredJob
 from dispatcher.store.ledger import SharedLedger
 from dispatcher.store.local_ledger import LocalLedger
@@ -84,6 +92,8 @@ class Scheduler:
         self.history = History()
         self.keys = keys.KeyTable()
         self.cache = ResponseCache(ttl_s=config.cache.ttl_s, max_bytes=config.cache.max_bytes)
+        # Per-text vectors; the daemon opens it in state_dir (unopened: nothing is kept).
+        self.embed_cache = EmbedCache(None, max_bytes=config.cache.embed_max_bytes)
         self.journal: Journal | None = None
         self.ledger: LocalLedger | None = None
         self.shared: SharedLedger | None = None  # several daemons on the same keys
@@ -101,6 +111,8 @@ class Scheduler:
         self.retries_in_flight: set[str] = set()  # job ids whose running attempt is a retry
         self.attempts_sent = 0
         self.hedges_sent = 0
+        self.embed_requests = 0  # packed embeddings requests sent
+        self.embed_texts_sent = 0  # texts they carried
 
     def __repr__(self) -> str:
         return f"<Scheduler queued {len(self.queue)} active {len(self.active)}>"
@@ -178,12 +190,18 @@ class Scheduler:
         if request.key is not None:
             self.keys.bind(uid, request.key, job.digest, job.id)
         self.active[job.id] = job
-        owner = None if self.config.cache.shared else job.owner
-        job.cache_key = cache_key(request, job.klass, owner=owner)
-        cached = self.cache.get(job.cache_key) if job.cache_key else None
-        if cached is not None:
-            self.finish(job, results.from_cache(job, cached, self.clock() - now))
-            return job
+        if isinstance(request, EmbedRequest):  # cached per text, not per request
+            answered = batches.accept(self, job)
+            if answered is not None:
+                self.finish(job, answered)
+                return job
+        else:
+            owner = None if self.config.cache.shared else job.owner
+            job.cache_key = cache_key(request, job.klass, owner=owner)
+            cached = self.cache.get(job.cache_key) if job.cache_key else None
+            if cached is not None:
+                self.finish(job, results.from_cache(job, cached, self.clock() - now))
+                return job
         self.queue.push(job)
         self.timers.add_deadline(job)
         self._dispatch_now(now)
@@ -196,6 +214,8 @@ class Scheduler:
         job.stop = reason or Cancelled("the job was cancelled")
         if job.state in ("queued", "retrying") and self.queue.remove(job):
             self.finish(job, job.stop)
+        elif job.embed is not None:  # its texts ride in shared requests: answer it now
+            batches.stop(self, job, job.stop)
         elif job.provider is not None:
             self.actors[job.provider].cancel(job.id)
         self.poke()
@@ -260,6 +280,9 @@ class Scheduler:
         self.retries_in_flight.discard(job.id)
         job.provider = None
         try:
+            if job.batch is not None:
+                batches.after_outcome(self, job, provider, outcome, now, started)
+                return
             verdicts.after_outcome(self, job, provider, outcome, now, started)
             hedges.copy_ended(job)
         finally:
@@ -338,9 +361,23 @@ class Scheduler:
         for job in decided.expired:
             self.queue.remove(job)
             self.finish(job, outcomes.timeout_error(job, "could not start before its deadline"))
+        wake_at = decided.wake_at
+        lingering: set[str] = set()
         for job, name in decided.assign:
-            self._start(job, name, now)
-        return decided.wake_at
+            if job.embed is None:
+                self._start(job, name, now)
+                continue
+            if name in lingering:
+                continue
+            sent_before = self.embed_requests
+            later = batches.start(self, job, name, now)
+            if later is not None:  # the request waits to fill while tokens are scarce
+                lingering.add(name)
+            elif self.embed_requests > sent_before:
+                later = now  # a request went: plan again at once for the texts left
+            if later is not None:
+                wake_at = later if wake_at is None else min(wake_at, later)
+        return wake_at
 
     def _start(self, job: Job, name: str, now: float) -> None:
         """Reserve the slot and token the plan gave the job and hand it to the actor."""

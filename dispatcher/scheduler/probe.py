@@ -28,7 +28,8 @@ async def probe(scheduler: Scheduler, name: str, *, timeout_s: float) -> ProbeRe
         return ProbeResult(ok=False, error=limits.problem or "disabled")
     request: JobRequest
     if limits.config.kind == "embed":
-        request = EmbedRequest(id=f"health-{name}", input="ping", providers=[name])
+        # cache=False: a probe must reach the upstream, not the embedding cache
+        request = EmbedRequest(id=f"health-{name}", input="ping", providers=[name], cache=False)
     else:
         request = ChatRequest(
             id=f"health-{name}",

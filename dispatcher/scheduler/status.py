@@ -8,7 +8,14 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from dispatcher.contract.protocol import FleetUse, LedgerStatus, ProviderStatus, Status
+from dispatcher.contract.protocol import (
+    CacheHits,
+    CacheStatus,
+    FleetUse,
+    LedgerStatus,
+    ProviderStatus,
+    Status,
+)
 from dispatcher.core.provider_state import ProviderLimits
 
 if TYPE_CHECKING:
@@ -49,6 +56,23 @@ def snapshot(scheduler: Scheduler, request_id: str | None = None) -> Status:
         recent=list(history.recent),
         ledger=ledger,
         rss_bytes=rss_bytes(),
+        cache=cache_status(scheduler),
+    )
+
+
+def cache_status(scheduler: Scheduler) -> CacheStatus:
+    """Hits and misses per kind (chat: whole answers; embed: texts) and the batching."""
+    answers, texts = scheduler.cache, scheduler.embed_cache
+    requests = scheduler.embed_requests
+    return CacheStatus(
+        kinds={
+            "chat": CacheHits(hits=answers.hits, misses=answers.misses),
+            "embed": CacheHits(hits=texts.hits, misses=texts.misses),
+        },
+        embed_texts=texts.texts,
+        embed_bytes=texts.held_bytes,
+        embed_requests=requests,
+        texts_per_request=round(scheduler.embed_texts_sent / requests, 2) if requests else 0.0,
     )
 
 

@@ -25,12 +25,47 @@ def after_outcome(
 ) -> None:
     """Tell the observers, judge the outcome and carry out the verdict."""
     limits = scheduler.limits[provider]
+    verdict = judged(scheduler, job, provider, outcome, now, started)
+    if verdict is None:
+        return
+    match verdict:
+        case outcomes.Success():
+            assert isinstance(outcome, Answer)
+            correct_charge(scheduler, limits, outcome, job.prompt_tokens, now)
+            result = results.build(job, provider, limits, outcome, now)
+            if job.cache_key is not None:
+                scheduler.cache.put(job.cache_key, result)
+            scheduler.finish(job, result)
+        case outcomes.Requeue():
+            scheduler.requeue(job)
+        case outcomes.Final(error):
+            scheduler.finish(job, error)
+
+
+def correct_charge(
+    scheduler: Scheduler, limits: ProviderLimits, answer: Answer, estimate: int, now: float
+) -> None:
+    """The real token count replaces the estimate ``reserve`` charged to the daily quota."""
+    if limits.daily is not None:
+        correction = answer.answer.usage.total_tokens - estimate
+        limits.daily.spend(now, correction)
+        if scheduler.ledger is not None:
+            scheduler.ledger.charged(limits.name, correction)
+
+
+def judged(
+    scheduler: Scheduler, job: Job, provider: str, outcome: Outcome, now: float, started: float
+) -> outcomes.Success | outcomes.Requeue | outcomes.Final | None:
+    """Tell the observers and judge the outcome: the verdict to carry out for ``job``, with
+    the provider's side (blocks, learned limits, a disabled key) already done; None when
+    nothing is left to carry out (deferred, not sent, a hedge's race)."""
+    limits = scheduler.limits[provider]
     if isinstance(outcome, Deny):  # another host holds the capacity: not an attempt
         _defer(scheduler, job, limits, outcome, now)
-        return
+        return None
     if isinstance(outcome, NotSent):  # nothing reached the upstream: not an attempt
         _not_sent(scheduler, job, limits, outcome, now)
-        return
+        return None
     if isinstance(outcome, Answer):
         for observer in scheduler.observers:
             observer.on_attempt(provider, "ok", outcome.latency_s)
@@ -45,9 +80,9 @@ def after_outcome(
             limits.observe_latency(now - started)  # slowness the planner must see
     if job.hedge_of is not None:
         _on_copy_outcome(scheduler, job, provider, limits, outcome, now)
-        return
+        return None
     if job.outcome is not None:
-        return  # the race was won by its hedge; this attempt was cancelled
+        return None  # the race was won by its hedge; this attempt was cancelled
     was_open = limits.circuit.state == "open"
     blocked, learned = limits.blocked_until, limits.learned()
     verdict = outcomes.judge(
@@ -74,22 +109,7 @@ def after_outcome(
     if isinstance(verdict, outcomes.Disable):
         disable(scheduler, provider, verdict.problem)
         verdict = verdict.then
-    match verdict:
-        case outcomes.Success():
-            assert isinstance(outcome, Answer)
-            if limits.daily is not None:  # the real count replaces the estimate
-                correction = outcome.answer.usage.total_tokens - job.prompt_tokens
-                limits.daily.spend(now, correction)
-                if ledger is not None:
-                    ledger.charged(provider, correction)
-            result = results.build(job, provider, limits, outcome, now)
-            if job.cache_key is not None:
-                scheduler.cache.put(job.cache_key, result)
-            scheduler.finish(job, result)
-        case outcomes.Requeue():
-            scheduler.requeue(job)
-        case outcomes.Final(error):
-            scheduler.finish(job, error)
+    return verdict
 
 
 def _defer(scheduler: Scheduler, job: Job, limits: ProviderLimits, deny: Deny, now: float) -> None:

@@ -7,11 +7,12 @@ tool_choice, response_format, seed, stop, the penalties, extra and any pinned
 providers all count (the seed's cache keyed only provider and prompt, so a
 10-token answer came back for a 2,000-token request).
 
-What is cached: embeddings, and chat answers that are deterministic
+What is cached: chat answers that are deterministic
 (``temperature = 0``, or a ``seed``); any other chat job only when it asks
 with ``cache: true``, since a second sample is a different answer. ``cache: false``
 never touches it. Failures are never cached. Streamed requests are not served
-from the cache: their client wants chunks as they are made.
+from the cache: their client wants chunks as they are made. Embeddings are cached
+per text instead, on disk (:mod:`dispatcher.store.embed_cache`).
 """
 
 from __future__ import annotations

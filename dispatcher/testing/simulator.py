@@ -107,6 +107,8 @@ class Behaviour(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     a request that needs anything else gets 400. The default accepts everything."""
     embed_dims: int = 1024
     seed: int = 0
+    max_inputs: int = 0
+    """0 = unlimited; an embeddings request with more texts than this gets 413."""
 
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -154,6 +156,8 @@ class ProviderStats:
     """Request headers as received (the last :data:`KEEP_LAST`)."""
     times: list[float] = field(default_factory=list)
     """``time.monotonic()`` arrival of every request."""
+    texts: int = 0
+    """Embeddings texts answered (the inputs of every 2xx embeddings answer)."""
 
 
 # ---------------------------------------------------------------------------
@@ -737,6 +741,11 @@ class FakeProvider:
         invalid = self._validate(body)
         if invalid is not None:
             return self._error(400, invalid)
+        if b.kind == "embed" and b.max_inputs:
+            given = body["input"]
+            count = 1 if isinstance(given, str) else len(given)
+            if count > b.max_inputs:
+                return self._error(413, f"{count} inputs, more than {b.max_inputs} per request")
 
         extra_delay_s = 0.0
         drop_after: int | None = None
@@ -1061,6 +1070,7 @@ class FakeProvider:
         given = body["input"]
         inputs: list[str] = [given] if isinstance(given, str) else given
         as_base64 = body.get("encoding_format") == "base64"
+        self.stats.texts += len(inputs)
         data = []
         for index, text in enumerate(inputs):
             vector = _embedding(text, b.embed_dims, b.seed)
