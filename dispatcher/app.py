@@ -45,6 +45,7 @@ from dispatcher.ingress.unix_server import Server
 from dispatcher.ingress.web import ClientTokens
 from dispatcher.providers.actor import ProviderActor
 from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
+from dispatcher.scheduler import replay
 from dispatcher.scheduler.loop import Scheduler
 from dispatcher.store.embed_cache import EmbedCache
 from dispatcher.store.journal import Journal
@@ -281,7 +282,7 @@ class Daemon:
             self.scheduler.keys.bind(uid, key, digest, job_id)
         unfinished = await anyio.to_thread.run_sync(journal.unfinished)
         for stored in unfinished:
-            self.scheduler.restore(stored)
+            replay.restore(self.scheduler, stored)
         if unfinished:
             log.info("journal.replayed", jobs=len(unfinished))
 

@@ -296,6 +296,7 @@ async def test_tiny_learn_runs_answer_every_job(log_output: io.StringIO) -> None
 
 @uvloop_only
 @pytest.mark.anyio
+@pytest.mark.fleet
 async def test_tiny_fleet_shares_the_key(log_output: io.StringIO) -> None:
     """Three daemons on one key through Redis: no 429, never above the key's slots, shared."""
     run = await run_fleet_shared(TINY)
@@ -308,6 +309,7 @@ async def test_tiny_fleet_shares_the_key(log_output: io.StringIO) -> None:
 
 @uvloop_only
 @pytest.mark.anyio
+@pytest.mark.fleet
 async def test_tiny_fleet_survives_a_killed_host(log_output: io.StringIO) -> None:
     """A subprocess daemon SIGKILLed holding leases: they expire, no 429, survivors answer."""
     run = await run_fleet_host_dies(TINY)
@@ -320,6 +322,7 @@ async def test_tiny_fleet_survives_a_killed_host(log_output: io.StringIO) -> Non
 
 @uvloop_only
 @pytest.mark.anyio
+@pytest.mark.fleet
 async def test_tiny_fleet_rides_out_redis_down(log_output: io.StringIO) -> None:
     """A private Redis stopped and restarted: no job fails or hangs, degraded then shared."""
     run = await run_fleet_redis_down(TINY)

@@ -25,6 +25,7 @@ from dispatcher.contract.protocol import ChatRequest, Chunk, Result
 from dispatcher.ingress.http_front import HttpFront
 from dispatcher.ingress.line_writer import LineWriter, PeerGone
 from dispatcher.providers.actor import Outcome
+from dispatcher.scheduler import probe as probes
 from dispatcher.scheduler.job import Job
 from dispatcher.store.journal import Journal
 from dispatcher.testing.simulator import Behaviour, Fault
@@ -318,7 +319,7 @@ async def test_probe_caller_cancelled_cancels_the_probe_job(start_daemon: Any) -
             scheduler = running.daemon.scheduler
             with anyio.fail_after(WAIT_S):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(functools.partial(scheduler.probe, "a", timeout_s=10.0))
+                    tg.start_soon(functools.partial(probes.probe, scheduler, "a", timeout_s=10.0))
                     await f["a"].wait_until(lambda s: s.serving == 1)
                     [job] = scheduler.active.values()
                     tg.cancel_scope.cancel()

@@ -66,6 +66,8 @@ from dispatcher.contract.protocol import (
 from dispatcher.core.keys import KnownJob
 from dispatcher.ingress.line_writer import LineWriter, PeerGone
 from dispatcher.ingress.unix import bind_unix_socket, peer_uid
+from dispatcher.scheduler import probe as probes
+from dispatcher.scheduler import replay
 from dispatcher.scheduler.job import Job
 from dispatcher.scheduler.loop import Scheduler
 
@@ -522,7 +524,7 @@ class Connection:
         self._spawn(tg, self._follow, request, job)
 
     async def _follow_known(self, request: ChatRequest | EmbedRequest, job_id: str) -> None:
-        job = await self.scheduler.resolve(job_id)
+        job = await replay.resolve(self.scheduler, job_id)
         if job is None:
             error = UnknownJob(f"the job for key {request.key!r} has expired from the journal")
             await self.send(error_reply(request.id, error))
@@ -571,7 +573,7 @@ class Connection:
         return Accepted(id=request.id, job=job.id)
 
     async def _result(self, request: ResultRequest) -> None:
-        job = await self.scheduler.resolve(request.job)
+        job = await replay.resolve(self.scheduler, request.job)
         if job is None or not self._may_see(job):
             await self.send(
                 error_reply(
@@ -594,7 +596,7 @@ class Connection:
         results: dict[str, ProbeResult] = {}
 
         async def probe(name: str) -> None:
-            results[name] = await self.scheduler.probe(name, timeout_s=request.timeout_s)
+            results[name] = await probes.probe(self.scheduler, name, timeout_s=request.timeout_s)
 
         async with anyio.create_task_group() as tg:
             for name in names:

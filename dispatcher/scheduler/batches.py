@@ -35,8 +35,9 @@ from dispatcher.core import outcomes, packing
 from dispatcher.core.admission import embed_inputs
 from dispatcher.core.tokens import estimate_text
 from dispatcher.providers.actor import Answer, NotSent, Outcome
-from dispatcher.scheduler import verdicts
+from dispatcher.scheduler import results, verdicts
 from dispatcher.scheduler.job import Batch, EmbedWork, Job
+from dispatcher.store.cache import cache_key
 from dispatcher.store.embed_cache import as_stored, text_key
 from dispatcher.store.ledger import Deny
 
@@ -46,6 +47,39 @@ if TYPE_CHECKING:
 log = structlog.get_logger("dispatcher.scheduler")
 
 MAX_SCAN = 4096  # queued jobs read to fill one request: a deep chat queue costs no more
+
+
+def from_caches(scheduler: Scheduler, job: Job, now: float) -> Result | None:
+    """The job's answer if the caches hold all of it: per text for embeddings, per
+    request for chat (partitioned by owner unless ``[cache] shared``)."""
+    if isinstance(job.request, EmbedRequest):
+        return accept(scheduler, job)
+    owner = None if scheduler.config.cache.shared else job.owner
+    job.cache_key = cache_key(job.request, job.klass, owner=owner)
+    cached = scheduler.cache.get(job.cache_key) if job.cache_key else None
+    if cached is None:
+        return None
+    return results.from_cache(job, cached, scheduler.clock() - now)
+
+
+def start_all(
+    scheduler: Scheduler, assigned: list[tuple[Job, str]], now: float, wake_at: float | None
+) -> float | None:
+    """Start the packed requests the plan allows; when to plan again (a linger ends, or
+    texts are left after a request went)."""
+    lingering: set[str] = set()
+    for job, name in assigned:
+        if name in lingering:
+            continue
+        sent_before = scheduler.embed_requests
+        later = start(scheduler, job, name, now)
+        if later is not None:  # the request waits to fill while tokens are scarce
+            lingering.add(name)
+        elif scheduler.embed_requests > sent_before:
+            later = now  # a request went: plan again at once for the texts left
+        if later is not None:
+            wake_at = later if wake_at is None else min(wake_at, later)
+    return wake_at
 
 
 def accept(scheduler: Scheduler, job: Job) -> Result | None:

@@ -39,28 +39,21 @@ from anyio.abc import TaskStatus
 
 from dispatcher.contract.config import Config
 from dispatcher.contract.errors import Cancelled, ClientError, DispatcherError
-from dispatcher.contract.protocol import (
-    ChatRequest,
-    EmbedRequest,
-    JobRequest,
-    ProbeResult,
-    Result,
-    Status,
-)
+from dispatcher.contract.protocol import ChatRequest, JobRequest, Result, Status
 from dispatcher.core import admission, hedging, keys, outcomes
 from dispatcher.core.fair_queue import FairQueue
 from dispatcher.core.plan import EXPIRY_SCAN, plan
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers import adapters
 from dispatcher.providers.actor import Outcome
-from dispatcher.scheduler import batches, hedges, probe, replay, results, status, verdicts
+from dispatcher.scheduler import batches, hedges, status, verdicts
 from dispatcher.scheduler.handles import Observer, ProviderHandle
 from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
 from dispatcher.scheduler.timers import Timers
-from dispatcher.store.cache import ResponseCache, cache_key
+from dispatcher.store.cache import ResponseCache
 from dispatcher.store.embed_cache import EmbedCache
-from dispatcher.store.journal import Journal, StoredJob
+from dispatcher.store.journal import Journal
 from dispatcher.store.ledger import SharedLedger
 from dispatcher.store.local_ledger import LocalLedger
 
@@ -190,18 +183,10 @@ class Scheduler:
         if request.key is not None:
             self.keys.bind(uid, request.key, job.digest, job.id)
         self.active[job.id] = job
-        if isinstance(request, EmbedRequest):  # cached per text, not per request
-            answered = batches.accept(self, job)
-            if answered is not None:
-                self.finish(job, answered)
-                return job
-        else:
-            owner = None if self.config.cache.shared else job.owner
-            job.cache_key = cache_key(request, job.klass, owner=owner)
-            cached = self.cache.get(job.cache_key) if job.cache_key else None
-            if cached is not None:
-                self.finish(job, results.from_cache(job, cached, self.clock() - now))
-                return job
+        answered = batches.from_caches(self, job, now)
+        if answered is not None:
+            self.finish(job, answered)
+            return job
         self.queue.push(job)
         self.timers.add_deadline(job)
         self._dispatch_now(now)
@@ -225,16 +210,6 @@ class Scheduler:
 
     def status(self, request_id: str | None = None) -> Status:
         return status.snapshot(self, request_id)
-
-    def restore(self, stored: StoredJob) -> None:
-        """Queue a journaled job again after a restart (see :func:`replay.restore`)."""
-        replay.restore(self, stored)
-
-    async def resolve(self, job_id: str) -> Job | None:
-        return await replay.resolve(self, job_id)
-
-    async def probe(self, name: str, *, timeout_s: float) -> ProbeResult:
-        return await probe.probe(self, name, timeout_s=timeout_s)
 
     # -- drain and reload ----------------------------------------------------------------
 
@@ -361,23 +336,13 @@ class Scheduler:
         for job in decided.expired:
             self.queue.remove(job)
             self.finish(job, outcomes.timeout_error(job, "could not start before its deadline"))
-        wake_at = decided.wake_at
-        lingering: set[str] = set()
+        packed = []
         for job, name in decided.assign:
             if job.embed is None:
                 self._start(job, name, now)
-                continue
-            if name in lingering:
-                continue
-            sent_before = self.embed_requests
-            later = batches.start(self, job, name, now)
-            if later is not None:  # the request waits to fill while tokens are scarce
-                lingering.add(name)
-            elif self.embed_requests > sent_before:
-                later = now  # a request went: plan again at once for the texts left
-            if later is not None:
-                wake_at = later if wake_at is None else min(wake_at, later)
-        return wake_at
+            else:
+                packed.append((job, name))
+        return batches.start_all(self, packed, now, decided.wake_at)
 
     def _start(self, job: Job, name: str, now: float) -> None:
         """Reserve the slot and token the plan gave the job and hand it to the actor."""
