@@ -786,12 +786,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         err.print(f"[dim]{text} ...[/]")
 
     with contextlib.ExitStack() as stack:
-        from dispatcher import logs  # structlog loads only when a benchmark runs
-
-        if args.log:
-            logs.configure("info", stack.enter_context(open(args.log, "a")), json=True)
-        else:
-            logs.configure("error", stack.enter_context(open(os.devnull, "w")), json=True)
+        bench_logs(stack, args.log)
 
         async def main() -> BenchReport:
             return await run_bench(
@@ -851,6 +846,16 @@ def render(report: BenchReport, console: Console) -> None:
     if report.fairness is not None:
         parts.append(render_fairness(report.fairness))
     print_parts(console, parts)
+
+
+def bench_logs(stack: contextlib.ExitStack, path: str | None) -> None:
+    """The daemons' JSON logs go to ``path`` (level info), or nowhere (errors only)."""
+    from dispatcher import logs  # structlog loads only when a benchmark runs
+
+    if path:
+        logs.configure("info", stack.enter_context(open(path, "a")), json=True)  # noqa: SIM115  # the caller's stack closes it
+    else:
+        logs.configure("error", stack.enter_context(open(os.devnull, "w")), json=True)  # noqa: SIM115
 
 
 def print_parts(console: Console, parts: list[tuple[Table, list[str]]]) -> None:

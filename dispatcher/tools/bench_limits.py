@@ -77,6 +77,7 @@ from dispatcher.tools.bench import (
     _s,
     _status,
     _verdict,
+    bench_logs,
     capacity,
     percentile,
     print_parts,
@@ -1206,12 +1207,7 @@ def cmd_limits(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"[dim]{text} ...[/]")
 
     with contextlib.ExitStack() as stack:
-        from dispatcher import logs  # structlog loads only when a benchmark runs
-
-        if args.log:
-            logs.configure("info", stack.enter_context(open(args.log, "a")), json=True)
-        else:
-            logs.configure("error", stack.enter_context(open(os.devnull, "w")), json=True)
+        bench_logs(stack, args.log)
 
         async def main() -> LimitsBenchReport:
             return await run_limits(settings, scenarios, progress)
