@@ -9,7 +9,13 @@ import anyio
 import pytest
 
 from dispatcher.contract.config import Config, parse_config
-from dispatcher.contract.errors import InternalError, NoProvider, UpstreamError, UpstreamFailed
+from dispatcher.contract.errors import (
+    InternalError,
+    NoProvider,
+    Timeout,
+    UpstreamError,
+    UpstreamFailed,
+)
 from dispatcher.contract.protocol import ChatRequest, Result, Usage
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers.actor import Answer
@@ -167,3 +173,41 @@ async def test_a_stream_handed_back_midway_is_not_sent_twice() -> None:
     assert isinstance(job.outcome, UpstreamFailed)
     assert "broke the stream" in job.outcome.message
     assert handles["a"].delivered == [job]
+
+
+# -- single-flight ---------------------------------------------------------------------
+
+
+def test_a_final_upstream_refusal_reaches_every_follower() -> None:
+    """The same request would be refused again: each follower gets the leader's error."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=4), clock)
+    same = {"temperature": 0.0}
+    leader = scheduler.submit(_request(1, **same), client="c")
+    followers = [scheduler.submit(_request(1, **same), client=f"c{i}") for i in range(3)]
+    assert handles["a"].delivered == [leader]  # one call for all four
+    scheduler.on_outcome(leader, "a", UpstreamError("rejected", "bad request", status=400))
+    assert isinstance(leader.outcome, UpstreamFailed)
+    assert [type(f.outcome) for f in followers] == [type(leader.outcome)] * 3
+    assert handles["a"].delivered == [leader]
+
+
+def test_a_leader_that_timed_out_hands_its_followers_a_call() -> None:
+    """The leader's deadline is its own: the first follower is sent, the others follow it."""
+    clock = FakeClock()
+    scheduler, handles = _scheduler(_config(a=4), clock)
+    leader = scheduler.submit(_request(1, temperature=0.0, timeout_s=5.0), client="c")
+    followers = [
+        scheduler.submit(_request(1, temperature=0.0, timeout_s=60.0), client="c")
+        for _ in range(2)
+    ]
+    clock.advance(6.0)
+    scheduler._expire(clock())  # the leader's deadline: its attempt is cancelled
+    assert handles["a"].cancelled == [leader.id]
+    scheduler.on_outcome(leader, "a", None)
+    assert isinstance(leader.outcome, Timeout)
+    scheduler._dispatch(clock())
+    assert handles["a"].delivered == [leader, followers[0]]
+    scheduler.on_outcome(followers[0], "a", _answer("late but here"))
+    assert [getattr(f.outcome, "content", None) for f in followers] == ["late but here"] * 2
+    assert [getattr(f.outcome, "attempts", None) for f in followers] == [1, 0]

@@ -119,6 +119,8 @@ class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     shared: bool = False
     # The per-text embedding cache in state_dir/embeddings.sqlite3 (LRU past this size).
     embed_max_bytes: Positive = 1024 * 1024 * 1024
+    # Identical cacheable chat requests in flight at once share one upstream call.
+    coalesce: bool = True
 
 
 class ClusterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

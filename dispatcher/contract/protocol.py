@@ -213,6 +213,7 @@ class CacheStatus(msgspec.Struct, kw_only=True):
     embed_bytes: int = 0  # their bytes (float32), against [cache] embed_max_bytes
     embed_requests: int = 0  # embeddings requests sent upstream
     texts_per_request: float = 0.0  # their average number of texts
+    coalesced: int = 0  # jobs that shared another identical job's upstream call
 
 
 class RecentJob(msgspec.Struct, kw_only=True, omit_defaults=True):

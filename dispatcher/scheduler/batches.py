@@ -117,10 +117,30 @@ def accept(scheduler: Scheduler, job: Job) -> Result | None:
             if job.pick is not None and job.pick not in same:
                 job.pick = None
     work.unsent = [i for i, vector in enumerate(work.vectors) if vector is None]
-    if not work.unsent:
+    if keys is not None and scheduler.config.cache.coalesce:
+        _await_in_flight(scheduler, job, work, keys)
+    if not work.unsent and not work.in_flight:
         work.provider = job.eligible[0] if job.eligible else ""
         return _result(scheduler, job)
     return None
+
+
+def _await_in_flight(scheduler: Scheduler, job: Job, work: EmbedWork, keys: list[bytes]) -> None:
+    """Texts already on the wire in another job's request are awaited, not sent again."""
+    in_the_air = scheduler.flights.texts
+    if not in_the_air:
+        return
+    unsent = []
+    for index in work.unsent:
+        waiters = in_the_air.get(keys[index])
+        if waiters is None:
+            unsent.append(index)
+        else:
+            waiters.append((job, index))
+            work.in_flight += 1
+    if len(unsent) < len(work.unsent):
+        scheduler.flights.coalesced += 1
+    work.unsent = unsent
 
 
 def start(scheduler: Scheduler, job: Job, name: str, now: float) -> float | None:
@@ -164,6 +184,7 @@ def start(scheduler: Scheduler, job: Job, name: str, now: float) -> float | None
             scheduler.queue.push(member, front=True)  # the rest of a split job goes next
         else:
             member.state = "running"
+    _announce(scheduler, carrier)
     limits.reserve(carrier.id, now, carrier.prompt_tokens)
     if scheduler.ledger is not None:
         scheduler.ledger.spent(name)
@@ -181,6 +202,50 @@ def start(scheduler: Scheduler, job: Job, name: str, now: float) -> float | None
         "embed.batch", provider=name, batch=carrier.id, texts=len(decided.texts), jobs=len(taken)
     )
     return None
+
+
+def _announce(scheduler: Scheduler, carrier: Job) -> None:
+    """Make the carrier's texts known as on the wire, so identical texts await them."""
+    assert carrier.batch is not None
+    if not scheduler.config.cache.coalesce:
+        return
+    in_the_air = scheduler.flights.texts
+    for member, take in carrier.batch.members:
+        keys = member.embed.keys if member.embed is not None else None
+        if keys is None:
+            continue  # asked not to use the cache: nothing of it is shared
+        for index, _ in take:
+            key = keys[index]
+            if key not in in_the_air:
+                in_the_air[key] = []
+                carrier.batch.keys.append(key)
+
+
+def _land(scheduler: Scheduler, carrier: Job, vectors: dict[bytes, list[float]]) -> None:
+    """The carrier's texts are off the wire: their vectors to whoever awaited them, or, for
+    a request that brought none, the texts back to their jobs' unsent lists."""
+    assert carrier.batch is not None
+    for key in carrier.batch.keys:
+        for job, index in scheduler.flights.texts.pop(key, ()):
+            work = job.embed
+            assert work is not None
+            work.in_flight -= 1
+            if job.outcome is not None:
+                continue
+            vector = vectors.get(key)
+            if vector is not None:
+                work.vectors[index] = vector
+                work.provider = work.provider or carrier.provider or ""
+                if not work.unsent and not work.in_flight:
+                    scheduler.queue.remove(job)
+                    scheduler.finish(job, _result(scheduler, job))
+            else:
+                was_queued = bool(work.unsent)
+                work.unsent = sorted({*work.unsent, index})
+                if not was_queued:  # a job with texts to send waits in the queue
+                    job.provider = None
+                    scheduler.requeue(job)
+    carrier.batch.keys = []
 
 
 def _keep_to_model(scheduler: Scheduler, job: Job, work: EmbedWork, name: str) -> None:
@@ -285,6 +350,7 @@ def _deliver(scheduler: Scheduler, carrier: Job, provider: str, answer: Answer) 
     vectors = getattr(answer.answer, "embeddings", [])
     usage = answer.answer.usage
     total = sum(len(take) for _, take in carrier.batch.members) or 1
+    got: dict[bytes, list[float]] = {}
     for member, take in carrier.batch.members:
         work = member.embed
         assert work is not None
@@ -292,7 +358,7 @@ def _deliver(scheduler: Scheduler, carrier: Job, provider: str, answer: Answer) 
         for index, position in take:
             vector = vectors[position]
             if work.keys is not None:
-                vector = as_stored(vector)
+                vector = got[work.keys[index]] = as_stored(vector)
                 scheduler.embed_cache.put(work.keys[index], vector)
             work.vectors[index] = vector
         share = len(take) / total  # the request's usage, split by each member's share of texts
@@ -302,6 +368,7 @@ def _deliver(scheduler: Scheduler, carrier: Job, provider: str, answer: Answer) 
         work.answered_model = answer.answer.model or work.model
         if member.outcome is None and not work.unsent and not work.in_flight:
             scheduler.finish(member, _result(scheduler, member))
+    _land(scheduler, carrier, got)
     carrier.batch = None
 
 
@@ -350,6 +417,7 @@ def _put_back(
         if not was_queued:
             member.provider = None
             scheduler.requeue(member)
+    _land(scheduler, carrier, {})
     carrier.batch = None
 
 

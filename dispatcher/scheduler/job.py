@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -22,6 +23,9 @@ from dispatcher.contract.protocol import (
 from dispatcher.core.admission import Admission, Kind
 from dispatcher.core.keys import request_digest
 from dispatcher.core.outcomes import bare
+
+if TYPE_CHECKING:
+    from dispatcher.scheduler.flights import Flight
 
 ChunkSink = Callable[[Chunk], Awaitable[None]]
 DEFAULT_TIMEOUT_S = 600.0
@@ -57,6 +61,7 @@ class Batch:
     """What one packed upstream request carries: per member job, (its text index, position)."""
 
     members: list[tuple[Job, list[tuple[int, int]]]]
+    keys: list[bytes] = field(default_factory=list)  # its texts' cache keys others may await
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)
@@ -98,6 +103,7 @@ class Job:
     hedge_of: Job | None = None  # set on that copy: the job it races for
     embed: EmbedWork | None = None  # an embed job's texts, packed into shared requests
     batch: Batch | None = None  # set on a packed request: the member jobs it answers
+    flight: Flight | None = None  # the shared call it leads or follows (flights.py)
     outcome: Result | Error | DispatcherError | None = None  # Error: replayed from the journal
     done: anyio.Event = field(default_factory=anyio.Event)
     persisted: anyio.Event = field(default_factory=anyio.Event)  # its journal row is committed
@@ -138,6 +144,11 @@ class Job:
     def owner(self) -> str:
         """Whose job it is: the client a token named, else the Unix user."""
         return self.client if self.client.startswith("client:") else f"uid:{self.uid}"
+
+    @property
+    def follows(self) -> bool:
+        """It waits for an identical job's upstream call (flights.py), outside the queue."""
+        return self.flight is not None and self.flight.leader is not self
 
     @property
     def timeout_s(self) -> float:

@@ -46,7 +46,7 @@ from dispatcher.core.plan import EXPIRY_SCAN, plan
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers import adapters
 from dispatcher.providers.actor import Outcome
-from dispatcher.scheduler import batches, hedges, status, verdicts
+from dispatcher.scheduler import batches, flights, hedges, status, verdicts
 from dispatcher.scheduler.handles import Observer, ProviderHandle
 from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
@@ -92,8 +92,8 @@ class Scheduler:
         self.shared: SharedLedger | None = None  # several daemons on the same keys
         self.observers: list[Observer] = []
         self.timers = Timers()
-        self._wakeup = anyio.Event()
-        self._changed = anyio.Event()
+        self.flights = flights.Flights()  # identical jobs in flight share one call
+        self._wakeup, self._changed = anyio.Event(), anyio.Event()
         self._dispatching = False
         self._last_expiry_scan = -1.0
         self.started_at = clock()
@@ -187,9 +187,10 @@ class Scheduler:
         if answered is not None:
             self.finish(job, answered)
             return job
-        self.queue.push(job)
         self.timers.add_deadline(job)
-        self._dispatch_now(now)
+        if not self.flights.join(self, job):
+            self.queue.push(job)
+            self._dispatch_now(now)
         return job
 
     def cancel(self, job: Job, reason: DispatcherError | None = None) -> None:
@@ -199,8 +200,8 @@ class Scheduler:
         job.stop = reason or Cancelled("the job was cancelled")
         if job.state in ("queued", "retrying") and self.queue.remove(job):
             self.finish(job, job.stop)
-        elif job.embed is not None:  # its texts ride in shared requests: answer it now
-            batches.stop(self, job, job.stop)
+        elif job.embed is not None or job.follows:
+            batches.stop(self, job, job.stop)  # it rides in a shared call: answer it now
         elif job.provider is not None:
             self.actors[job.provider].cancel(job.id)
         self.poke()
@@ -271,21 +272,22 @@ class Scheduler:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Plan whenever something changes or a timer is due; runs until cancelled."""
-        task_status.started()
-        while True:
-            self._wakeup = anyio.Event()
-            self.turns += 1
-            now = self.clock()
-            self._expire(now)
-            hedges.send_due(self, now)
-            due = (self._dispatch(now), self.timers.next_at())
-            wake_at = min((t for t in due if t is not None), default=None)
-            delay = MAX_IDLE_WAIT_S if wake_at is None else min(MAX_IDLE_WAIT_S, wake_at - now)
-            if delay > 0:
-                with anyio.move_on_after(delay):
-                    await self._wakeup.wait()
-            else:
-                await anyio.lowlevel.checkpoint()
+        async with anyio.create_task_group() as self.flights.tasks:
+            task_status.started()
+            while True:
+                self._wakeup = anyio.Event()
+                self.turns += 1
+                now = self.clock()
+                self._expire(now)
+                hedges.send_due(self, now)
+                due = (self._dispatch(now), self.timers.next_at())
+                wake_at = min((t for t in due if t is not None), default=None)
+                delay = MAX_IDLE_WAIT_S if wake_at is None else min(MAX_IDLE_WAIT_S, wake_at - now)
+                if delay > 0:
+                    with anyio.move_on_after(delay):
+                        await self._wakeup.wait()
+                else:
+                    await anyio.lowlevel.checkpoint()
 
     def poke(self) -> None:
         """Wake the loop: something changed that planning or a timer should see."""
@@ -395,3 +397,4 @@ class Scheduler:
         for observer in self.observers:
             observer.on_job_done(job, outcome)
         self.history.record(job, outcome)
+        self.flights.leave(self, job)  # after its own answer: then its followers'

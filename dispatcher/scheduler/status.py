@@ -73,6 +73,7 @@ def cache_status(scheduler: Scheduler) -> CacheStatus:
         embed_bytes=texts.held_bytes,
         embed_requests=requests,
         texts_per_request=round(scheduler.embed_texts_sent / requests, 2) if requests else 0.0,
+        coalesced=scheduler.flights.coalesced,
     )
 
 

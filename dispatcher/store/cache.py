@@ -43,6 +43,20 @@ def cache_key(request: JobRequest, klass: str, *, owner: str | None = None) -> s
     """
     if request.cache is False or not cacheable(request):
         return None
+    return _digest(request, klass, owner)
+
+
+def flight_key(request: JobRequest, klass: str, *, owner: str | None = None) -> str | None:
+    """The key under which identical requests in flight share one call: the cache key,
+    streamed requests included (the stream flag is part of it), or None."""
+    if request.cache is False or isinstance(request, EmbedRequest):
+        return None
+    if not (request.cache is True or request.temperature == 0 or request.seed is not None):
+        return None
+    return _digest(request, klass, owner)
+
+
+def _digest(request: JobRequest, klass: str, owner: str | None) -> str:
     shaping = msgspec.structs.replace(
         request, id="-", key=None, detach=False, priority=0, timeout_s=None, cache=None
     )
