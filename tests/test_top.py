@@ -10,8 +10,14 @@ import pytest
 from rich.console import Console
 
 from dispatcher.client.connection import DaemonNotRunning
-from dispatcher.client.top import add_top_arguments, cmd_top, format_duration, render_status
-from dispatcher.contract.protocol import ProviderStatus, Result, Status
+from dispatcher.client.top import (
+    add_top_arguments,
+    cmd_top,
+    format_bytes,
+    format_duration,
+    render_status,
+)
+from dispatcher.contract.protocol import CacheHits, CacheStatus, ProviderStatus, Result, Status
 from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry
 
@@ -105,6 +111,44 @@ def test_format_duration() -> None:
     assert format_duration(3 * 86_400 + 4 * 3600) == "3 d 04 h"
 
 
+def test_frame_shows_the_caches() -> None:
+    """Hits and misses per kind, the embedding cache, texts per request and coalesced jobs."""
+    cache = CacheStatus(
+        kinds={"chat": CacheHits(hits=3, misses=9), "embed": CacheHits(hits=900, misses=100)},
+        embed_texts=1234,
+        embed_bytes=5 * 1024 * 1024,
+        embed_requests=40,
+        texts_per_request=31.5,
+        coalesced=7,
+    )
+    text = text_of(render_status(Status(providers={}, queued=0, cache=cache)))
+    lines = text.splitlines()
+
+    def line(label: str) -> str:
+        return next(line for line in lines if label in line)
+
+    assert "caches" in text
+    assert "3/9 (25%)" in line("chat hits/misses")
+    assert "900/100 (90%)" in line("embed hits/misses")
+    assert "1,234 texts, 5.0 MiB" in line("embed cache")
+    assert "40 (31.5 texts each)" in line("embed requests")
+    assert "7" in line("coalesced")
+
+
+def test_frame_without_cache_figures_leaves_the_caches_out() -> None:
+    """A status without cache figures (an older daemon) renders without the caches table."""
+    text = text_of(render_status(Status(providers={}, queued=0)))
+    assert "caches" not in text
+    assert "totals" in text
+
+
+def test_format_bytes() -> None:
+    """Sizes read at a glance, in binary units."""
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(4915) == "4.8 KiB"
+    assert format_bytes(3 * 1024**3) == "3.0 GiB"
+
+
 def test_interval_must_be_positive() -> None:
     """--interval rejects zero and nonsense."""
     with pytest.raises(SystemExit):
@@ -159,3 +203,25 @@ async def test_top_lists_recent_jobs(start_daemon: Any) -> None:
     text = console.export_text()
     assert "recent jobs" in text
     assert done.job in text
+
+
+@pytest.mark.anyio
+async def test_once_shows_the_caches_of_a_real_daemon(
+    start_daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After two embed jobs sharing a text, `top --once` shows the embed hits, texts and bytes."""
+    async with fakes(e=Behaviour(name="e", kind="embed", embed_dims=4)) as f:
+        config = build_config({"e": provider_entry(f["e"])})
+        async with start_daemon(config) as running:
+            async with running.client() as client:
+                await client.call({"op": "embed", "input": ["a", "b"]})
+                await client.call({"op": "embed", "input": ["a"]})
+            with anyio.fail_after(10):
+                code = await anyio.to_thread.run_sync(
+                    cmd_top, parse("--socket", running.socket, "--once")
+                )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1/2 (33%)" in next(line for line in out.splitlines() if "embed hits/misses" in line)
+    assert "2 texts, 32 B" in out
+    assert "1 (2 texts each)" in next(line for line in out.splitlines() if "embed requests" in line)

@@ -2,9 +2,11 @@
 
 One connection, one ``status`` request every ``--interval`` seconds, one frame
 per answer: the providers (state, slots, rate tokens, queue, latency, success
-rate, 429s, circuit), the queue by class, and the totals with the throughput
-since the previous frame. ``--once`` prints a single frame and exits, for
-scripts, tests and the README. :func:`render_status` is a pure function of a
+rate, 429s, circuit), the queue by class, the totals with the throughput
+since the previous frame, and the caches (hits and misses per kind, the
+embedding cache's texts and bytes, texts per embeddings request, coalesced
+jobs). ``--once`` prints a single frame and exits, for scripts, tests and the
+README. :func:`render_status` is a pure function of a
 :class:`~dispatcher.contract.protocol.Status`, so it is tested without a terminal.
 """
 
@@ -23,7 +25,7 @@ from rich.text import Text
 
 from dispatcher.client.connection import Client
 from dispatcher.contract.config import ConfigError, find_config_path, load_config, socket_path
-from dispatcher.contract.protocol import Error, ProviderStatus, Status
+from dispatcher.contract.protocol import CacheHits, CacheStatus, Error, ProviderStatus, Status
 
 EXIT_FAILED: Final = 1
 DEFAULT_INTERVAL_S: Final = 1.0
@@ -145,7 +147,7 @@ def render_status(
     previous: Status | None = None,
     elapsed_s: float | None = None,
 ) -> RenderableType:
-    """One frame: a header, the providers table, then classes and totals side by side."""
+    """One frame: a header, the providers table, then classes, totals and caches side by side."""
     header = Text.assemble(
         ("dispatcher top", "bold"),
         f"  {source}" if source else "",
@@ -153,7 +155,13 @@ def render_status(
         f"  every {interval_s:g} s" if interval_s is not None else "",
     )
     side = Table.grid(padding=(0, 4))
-    side.add_row(classes_table(status), totals_table(status, previous, elapsed_s))
+    beside: list[RenderableType] = [
+        classes_table(status),
+        totals_table(status, previous, elapsed_s),
+    ]
+    if status.cache is not None:  # a daemon from before the caches were reported has none
+        beside.append(caches_table(status.cache))
+    side.add_row(*beside)
     parts: list[RenderableType] = [header, providers_table(status), side]
     if status.recent:
         parts.append(recent_table(status))
@@ -279,6 +287,44 @@ def totals_table(
         table.add_row("throughput", f"{max(0, delta) / elapsed_s:,.1f} jobs/s")
     table.add_row("uptime", format_duration(status.uptime_s))
     return table
+
+
+def caches_table(cache: CacheStatus) -> Table:
+    """Hits and misses per kind (chat: answers; embed: texts), the embedding cache, the batching."""
+    table = Table(title="caches", title_justify="left", show_header=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    for kind, counts in cache.kinds.items():
+        table.add_row(f"{kind} hits/misses", hits_cell(counts))
+    table.add_row("embed cache", f"{cache.embed_texts:,} texts, {format_bytes(cache.embed_bytes)}")
+    table.add_row(
+        "embed requests",
+        f"{cache.embed_requests:,}"
+        + (f" ({cache.texts_per_request:g} texts each)" if cache.embed_requests else ""),
+    )
+    table.add_row("coalesced", f"{cache.coalesced:,}")
+    return table
+
+
+def hits_cell(counts: CacheHits) -> Text:
+    """``90/10 (90%)``: hits over misses, with the hit rate once anything was looked up."""
+    looked_up = counts.hits + counts.misses
+    text = Text(f"{counts.hits:,}/{counts.misses:,}")
+    if looked_up:
+        text.append(f" ({counts.hits / looked_up:.0%})", style="dim")
+    return text
+
+
+def format_bytes(size: int) -> str:
+    """``512 B``, ``4.8 KiB``, ``1.2 MiB``, ``3.0 GiB``."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def format_duration(seconds: float) -> str:
