@@ -40,6 +40,7 @@ from dispatcher.contract.config import (
 from dispatcher.contract.errors import Cancelled
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.ingress.http_front import HttpFront
+from dispatcher.ingress.identity import Identities
 from dispatcher.ingress.metrics import serve_metrics
 from dispatcher.ingress.unix_server import Server
 from dispatcher.ingress.web import ClientTokens
@@ -50,6 +51,7 @@ from dispatcher.scheduler.loop import Scheduler
 from dispatcher.store.embed_cache import EmbedCache
 from dispatcher.store.journal import Journal
 from dispatcher.store.local_ledger import LocalLedger
+from dispatcher.store.usage import UsageStore
 
 if TYPE_CHECKING:  # the fakes load only under --simulate
     from dispatcher.testing.simulator import Simulator
@@ -120,6 +122,7 @@ class Daemon:
                     await self._start_metrics(tg)
                     await self._open_ledger(stack, tg)
                     await self._open_embed_cache(stack, tg)
+                    await self._open_usage(stack, tg)
                     if self.config.journal.enabled:
                         await self._open_journal(stack, tg)
                     inherited = systemd.listen_fds()
@@ -265,6 +268,26 @@ class Daemon:
         stack.callback(cache.close)
         self.scheduler.embed_cache = cache
         await tg.start(cache.run)
+
+    async def _open_usage(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
+        """Open the usage aggregates, so today's spend per client holds across restarts.
+
+        Before the journal replays, so replayed jobs are charged to today's budgets.
+        One that cannot be opened is logged; usage is then kept in memory only.
+        """
+        store = UsageStore(
+            Path(self.config.daemon.state_dir) / "usage.sqlite3",
+            keep_days=self.config.usage.keep_days,
+        )
+        try:
+            await anyio.to_thread.run_sync(store.open)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("usage.unavailable", path=str(store.path), error=str(exc))
+            return
+        stack.callback(store.close)
+        self.scheduler.budgets.usage = store
+        self.scheduler.budgets.restore()
+        await tg.start(store.run)
 
     async def _open_journal(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
         """Open the journal and replay what a previous run left unfinished."""
@@ -421,6 +444,12 @@ class Daemon:
     async def apply(self, new: Config) -> None:
         """Take a new configuration without dropping a queued or running job."""
         old_names = set(self.scheduler.limits)
+        try:
+            self.tokens.replace(ClientTokens.load(new.clients, self.options.environ))
+        except ConfigError as exc:  # the old tokens keep working; the rest applies
+            log.error("config.tokens_kept", error=str(exc))
+        if self.server is not None:
+            self.server.identities = Identities(new.clients)
         self.config = new
         self.scheduler.reconfigure(new)
         for name, provider in new.providers.items():

@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "check-config", cmd_check_config, "validate the configuration and print what it resolves to"
     )
+    from dispatcher.client.usage_cmd import add_usage_arguments, cmd_usage
+
+    usage = verb("usage", cmd_usage, "tokens and jobs per client, provider, class or day")
+    add_usage_arguments(usage)
+
     from dispatcher.tools.bench_cli import add_bench_arguments, cmd_bench
 
     bench = verb("bench", cmd_bench, "run scheduling scenarios against the built-in simulator")

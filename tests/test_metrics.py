@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,12 +11,12 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.contract.config import MetricsConfig
-from dispatcher.contract.protocol import ChatRequest
-from dispatcher.ingress.metrics import Metrics, serve_metrics
+from dispatcher.contract.protocol import CacheHits, CacheStatus, ChatRequest
+from dispatcher.ingress.metrics import Metrics, cache_metrics, serve_metrics
 from dispatcher.testing.simulator import Behaviour, Fault
 from tests.helpers import Running, build_config, chat, fakes, provider_entry
 
@@ -38,6 +39,14 @@ async def metrics_server(running: Running, **config: Any) -> AsyncIterator[list[
             tg.cancel_scope.cancel()
 
 
+def parse_samples(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
 async def scrape(url: str, *, socket: str | None = None) -> tuple[str, Samples]:
     connector = aiohttp.UnixConnector(path=socket) if socket else None
     async with (
@@ -47,11 +56,7 @@ async def scrape(url: str, *, socket: str | None = None) -> tuple[str, Samples]:
         assert response.status == 200
         content_type = response.headers["Content-Type"]
         text = await response.text()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return content_type, samples
+    return content_type, parse_samples(text)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
@@ -121,7 +126,39 @@ async def test_scrape_shows_the_caches_and_embeddings_batching(start_daemon: Any
     assert value(samples, "dispatcher_embed_cache_texts") == 2
     assert value(samples, "dispatcher_embed_cache_bytes") == 2 * 4 * 4
     assert value(samples, "dispatcher_embed_requests_total") == 1
+    assert value(samples, "dispatcher_embed_texts_sent_total") == 2
     assert value(samples, "dispatcher_embed_texts_per_request") == 2
+    assert value(samples, "dispatcher_coalesced_total") == 0
+
+
+def test_cache_figures_of_a_status_become_metrics() -> None:
+    """Every cache figure of a status is exported: per kind, sizes, batching, coalesced."""
+    cache = CacheStatus(
+        kinds={"chat": CacheHits(hits=4, misses=6), "embed": CacheHits(hits=90, misses=10)},
+        embed_texts=100,
+        embed_bytes=409_600,
+        embed_requests=3,
+        texts_per_request=3.33,
+        coalesced=49,
+    )
+
+    class Collector:
+        def collect(self) -> Any:
+            return cache_metrics(cache, texts_sent=10)
+
+    registry = CollectorRegistry()
+    registry.register(Collector())  # a collector is anything with collect()
+    samples = parse_samples(generate_latest(registry).decode())
+    assert value(samples, "dispatcher_cache_hits_total", kind="chat") == 4
+    assert value(samples, "dispatcher_cache_misses_total", kind="chat") == 6
+    assert value(samples, "dispatcher_cache_hits_total", kind="embed") == 90
+    assert value(samples, "dispatcher_cache_misses_total", kind="embed") == 10
+    assert value(samples, "dispatcher_embed_cache_texts") == 100
+    assert value(samples, "dispatcher_embed_cache_bytes") == 409_600
+    assert value(samples, "dispatcher_embed_requests_total") == 3
+    assert value(samples, "dispatcher_embed_texts_sent_total") == 10
+    assert value(samples, "dispatcher_embed_texts_per_request") == 3.33
+    assert value(samples, "dispatcher_coalesced_total") == 49
 
 
 async def test_upstream_429_is_counted(start_daemon: Any) -> None:
@@ -170,11 +207,12 @@ async def test_serves_on_a_unix_socket_and_cleans_up(start_daemon: Any, tmp_path
         config = build_config({"a": provider_entry(f["a"])})
         async with start_daemon(config) as running:
             scheduler = running.daemon.scheduler
+            before = list(scheduler.observers)  # the budgets observe every job anyway
             async with metrics_server(running, listen=None, socket=str(path)) as addresses:
                 assert addresses == [f"unix:{path}"]
-                assert len(scheduler.observers) == 1
+                assert len(scheduler.observers) == len(before) + 1
                 _, samples = await scrape("http://metrics", socket=str(path))
-            assert scheduler.observers == []
+            assert scheduler.observers == before
     assert value(samples, "dispatcher_provider_concurrency", provider="a") is not None
     assert not path.exists()
 
@@ -214,3 +252,26 @@ def test_each_metrics_has_its_own_registry() -> None:
         is None
     )
     assert b"dispatcher_upstream_latency_seconds_bucket" in first.render()
+
+
+async def test_usage_is_counted_per_client(start_daemon: Any) -> None:
+    """Jobs, upstream tokens and cached answers per client, as the fake billed them."""
+    async with fakes(a=Behaviour(name="a", latency_s=0.01)) as f:
+        config = build_config(
+            {"a": provider_entry(f["a"])}, clients={"me": {"uids": [os.getuid()]}}
+        )
+        async with start_daemon(config) as running, metrics_server(running) as addresses:
+            async with running.client() as client:
+                await client.call(chat("hi", temperature=0))
+                await client.call(chat("hi", temperature=0))  # from the cache
+            _, samples = await scrape(addresses[0])
+    stats = f["a"].stats
+    assert value(samples, "dispatcher_client_jobs_total", client="me", outcome="ok") == 2
+    assert value(samples, "dispatcher_client_cached_jobs_total", client="me") == 1
+    prompt = value(
+        samples, "dispatcher_client_tokens_total", client="me", provider="a", kind="prompt"
+    )
+    completion = value(
+        samples, "dispatcher_client_tokens_total", client="me", provider="a", kind="completion"
+    )
+    assert (prompt, completion) == (stats.prompt_tokens, stats.completion_tokens)

@@ -198,8 +198,7 @@ def test_a_leader_that_timed_out_hands_its_followers_a_call() -> None:
     scheduler, handles = _scheduler(_config(a=4), clock)
     leader = scheduler.submit(_request(1, temperature=0.0, timeout_s=5.0), client="c")
     followers = [
-        scheduler.submit(_request(1, temperature=0.0, timeout_s=60.0), client="c")
-        for _ in range(2)
+        scheduler.submit(_request(1, temperature=0.0, timeout_s=60.0), client="c") for _ in range(2)
     ]
     clock.advance(6.0)
     scheduler._expire(clock())  # the leader's deadline: its attempt is cancelled

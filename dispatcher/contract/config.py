@@ -145,10 +145,33 @@ class HttpConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 
 class ClientConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """A client identity: its token on the HTTP front (``Authorization: Bearer``)."""
+    """A client identity and its budgets.
+
+    Who it is: its token on the HTTP front (``Authorization: Bearer``), and the Unix
+    users (``uids``) or groups (``groups``, by name) that are this client on the socket.
+    What it may spend, all optional (0 or absent: no limit of its own; a provider's
+    limits still hold for everyone): ``rpm`` jobs sent upstream per minute,
+    ``daily_tokens`` per UTC day across all providers, the ``providers`` and
+    ``classes`` it may use, the highest request ``priority``, and how many of its
+    jobs may wait or run at once (``max_queued``).
+    """
 
     token_env: str | None = None
     token_file: str | None = None
+    uids: list[NonNegative] = msgspec.field(default_factory=list)
+    groups: list[str] = msgspec.field(default_factory=list)
+    rpm: NonNegative = 0
+    daily_tokens: NonNegative = 0
+    providers: list[str] | None = None
+    classes: list[str] | None = None
+    max_priority: int | None = None
+    max_queued: NonNegative = 0
+
+
+class UsageConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Per-day usage aggregates in ``state_dir/usage.sqlite3``, for ``dispatcher usage``."""
+
+    keep_days: Positive = 90
 
 
 class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -167,6 +190,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     clients: dict[str, ClientConfig] = msgspec.field(default_factory=dict)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
@@ -394,6 +418,7 @@ def _check_references(config: Config, source: str) -> None:
     for section, listen in (("http", config.http.listen), ("metrics", config.metrics.listen)):
         if listen is not None:
             parse_listen(listen, key=f"{source}: {section}.listen")
+    _check_clients(config, source)
     if config.http.listen and not config.clients and not config.http.allow_anonymous:
         raise ConfigError(
             f"{source}: http.listen: a TCP front anyone on the host can reach needs at least "
@@ -405,6 +430,28 @@ def _check_references(config: Config, source: str) -> None:
         raise ConfigError(
             f'{source}: daemon.socket_mode: expected an octal string such as "0660"'
         ) from None
+
+
+def _check_clients(config: Config, source: str) -> None:
+    """Budgets name real providers and classes, and a Unix user is one client only."""
+    owner: dict[int, str] = {}
+    for name, client in config.clients.items():
+        key = f"{source}: clients.{name}"
+        for provider in client.providers or ():
+            if provider not in config.providers:
+                known = ", ".join(sorted(config.providers))
+                raise ConfigError(f"{key}.providers: no provider {provider!r} (known: {known})")
+        for cls in client.classes or ():
+            if cls not in config.classes and cls != "embed":
+                known = ", ".join(sorted([*config.classes, "embed"]))
+                raise ConfigError(f"{key}.classes: no class {cls!r} (known: {known})")
+        for uid in client.uids:
+            if uid in owner:
+                raise ConfigError(
+                    f"{key}.uids: uid {uid} is already clients.{owner[uid]}; "
+                    "a Unix user is one client"
+                )
+            owner[uid] = name
 
 
 def parse_listen(value: str, *, key: str = "listen") -> tuple[str, int]:

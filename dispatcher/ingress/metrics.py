@@ -45,6 +45,7 @@ from dispatcher.contract.protocol import CacheStatus, Result
 from dispatcher.core.circuit import CircuitState
 from dispatcher.ingress.openai_errors import error_response
 from dispatcher.ingress.web import ClientTokens, WebService, is_unix_connection
+from dispatcher.scheduler.clients import client_name, upstream_tokens
 from dispatcher.scheduler.job import Job
 from dispatcher.scheduler.loop import Scheduler
 
@@ -118,6 +119,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.client_jobs = Counter(
+            "dispatcher_client_jobs",
+            "Jobs answered per client (its [clients] name, or uid:N), by outcome.",
+            ["client", "outcome"],
+            registry=self.registry,
+        )
+        self.client_tokens = Counter(
+            "dispatcher_client_tokens",
+            "Tokens spent upstream per client and provider, by kind (prompt or completion); "
+            "cached and shared answers cost none.",
+            ["client", "provider", "kind"],
+            registry=self.registry,
+        )
+        self.client_cached = Counter(
+            "dispatcher_client_cached_jobs",
+            "Jobs per client answered from the cache or by an identical job's call.",
+            ["client"],
+            registry=self.registry,
+        )
         self._collector: StatusCollector | None = None
 
     def __repr__(self) -> str:
@@ -134,11 +154,25 @@ class Metrics:
 
     def on_job_done(self, job: Job, outcome: object) -> None:
         """``outcome`` is a Result or anything with a wire ``code`` (an error, a replayed Error)."""
+        client = client_name(job.owner)
         if isinstance(outcome, Result):
             self.jobs.labels(job.klass, "ok").inc()
             self.job_latency.labels(job.klass).observe(outcome.latency_ms / 1000)
+            self.client_jobs.labels(client, "ok").inc()
+            if outcome.cached or outcome.attempts == 0:
+                self.client_cached.labels(client).inc()
+            elif upstream_tokens(outcome):
+                usage = outcome.usage
+                self.client_tokens.labels(client, outcome.provider, "prompt").inc(
+                    usage.prompt_tokens
+                )
+                self.client_tokens.labels(client, outcome.provider, "completion").inc(
+                    usage.completion_tokens
+                )
         else:
-            self.jobs.labels(job.klass, str(getattr(outcome, "code", "internal"))).inc()
+            code = str(getattr(outcome, "code", "internal"))
+            self.jobs.labels(job.klass, code).inc()
+            self.client_jobs.labels(client, code).inc()
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -254,11 +288,16 @@ class StatusCollector:
         yield circuit
         yield state
         if status.cache is not None:
-            yield from _cache_metrics(status.cache)
+            yield from cache_metrics(status.cache, texts_sent=self.scheduler.embed_texts_sent)
 
 
-def _cache_metrics(cache: CacheStatus) -> Iterable[Metric]:
-    """Cache hits and misses per kind (embed: texts), the embedding cache, the batching."""
+def cache_metrics(cache: CacheStatus, *, texts_sent: int | None = None) -> Iterable[Metric]:
+    """Cache hits and misses per kind (embed: texts), the embedding cache, the batching,
+    and the jobs that shared another's upstream call.
+
+    ``texts_sent`` is the scheduler's own count: the status carries only its average
+    per request, rounded, and a counter of texts must add up exactly across scrapes.
+    """
     hits = CounterMetricFamily(
         "dispatcher_cache_hits",
         "Cache hits, by kind (chat: answers; embed: texts).",
@@ -285,10 +324,21 @@ def _cache_metrics(cache: CacheStatus) -> Iterable[Metric]:
         "Embeddings requests sent upstream.",
         value=cache.embed_requests,
     )
+    if texts_sent is not None:
+        yield CounterMetricFamily(
+            "dispatcher_embed_texts_sent",
+            "Texts carried by the embeddings requests sent upstream.",
+            value=texts_sent,
+        )
     yield _gauge(
         "dispatcher_embed_texts_per_request",
         "Average texts per embeddings request sent upstream.",
         cache.texts_per_request,
+    )
+    yield CounterMetricFamily(
+        "dispatcher_coalesced",
+        "Jobs that shared another identical job's upstream call (chat and embeddings).",
+        value=cache.coalesced,
     )
 
 

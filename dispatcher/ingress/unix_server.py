@@ -64,6 +64,7 @@ from dispatcher.contract.protocol import (
     error_reply,
 )
 from dispatcher.core.keys import KnownJob
+from dispatcher.ingress.identity import Identities
 from dispatcher.ingress.line_writer import LineWriter, PeerGone
 from dispatcher.ingress.unix import bind_unix_socket, peer_uid
 from dispatcher.scheduler import probe as probes
@@ -116,6 +117,7 @@ class Server:
         self.scheduler = scheduler
         self.config = config
         self.path = path
+        self.identities = Identities(scheduler.config.clients)  # replaced on SIGHUP
         self._inherited = inherited
         self._ids = itertools.count(1)
         self.connections: set[Connection] = set()
@@ -508,7 +510,7 @@ class Connection:
         try:
             job = self.scheduler.submit(
                 request,
-                client=self.client,
+                client=self.job_client(),
                 uid=self.uid,
                 on_chunk=self._send_chunk if stream else None,
                 size=size,
@@ -605,6 +607,12 @@ class Connection:
 
     def _may_see(self, job: Job) -> bool:
         return self.uid in (job.uid, ROOT_UID)
+
+    def job_client(self) -> str:
+        """Whose jobs this connection sends: ``client:NAME`` when its user is a configured
+        client (looked up per job, so a reload applies at once), else the connection."""
+        name = self.server.identities.client_for(self.uid)
+        return self.client if name is None else f"client:{name}"
 
     async def _send_chunk(self, chunk: Chunk) -> None:
         await self.send(chunk)

@@ -79,6 +79,8 @@ class ClientTokens:
         """
         tokens: dict[str, str] = {}
         for name, client in clients.items():
+            if not (client.token_env or client.token_file) and (client.uids or client.groups):
+                continue  # a socket-only client: its Unix users say who it is
             token = _read_token(name, client, environ)
             logs.add_secret(token)
             for other, known in tokens.items():
@@ -89,6 +91,10 @@ class ClientTokens:
                     )
             tokens[name] = token
         return cls(tokens)
+
+    def replace(self, other: ClientTokens) -> None:
+        """Take the tokens of a reloaded configuration, in place (the fronts hold this one)."""
+        self._tokens = other._tokens
 
     def match(self, authorization: str | None) -> str | None:
         """The client whose token ``Authorization: Bearer <token>`` carries, or None.
@@ -123,7 +129,10 @@ def _read_token(name: str, client: ClientConfig, environ: Mapping[str, str]) -> 
         source = f"{key}.token_env ${client.token_env}"
         token = environ.get(client.token_env, "").strip()
     else:
-        raise ConfigError(f"{key}: set token_env or token_file to this client's token")
+        raise ConfigError(
+            f"{key}: set token_env or token_file to this client's token (the HTTP front), "
+            "or uids or groups (the Unix users who are this client on the socket)"
+        )
     if not token:
         raise ConfigError(f"{source}: the token is empty or not set")
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in token):

@@ -351,6 +351,7 @@ def _deliver(scheduler: Scheduler, carrier: Job, provider: str, answer: Answer) 
     usage = answer.answer.usage
     total = sum(len(take) for _, take in carrier.batch.members) or 1
     got: dict[bytes, list[float]] = {}
+    done = 0  # texts whose share of the usage is given out
     for member, take in carrier.batch.members:
         work = member.embed
         assert work is not None
@@ -361,15 +362,21 @@ def _deliver(scheduler: Scheduler, carrier: Job, provider: str, answer: Answer) 
                 vector = got[work.keys[index]] = as_stored(vector)
                 scheduler.embed_cache.put(work.keys[index], vector)
             work.vectors[index] = vector
-        share = len(take) / total  # the request's usage, split by each member's share of texts
-        work.usage.prompt_tokens += round(usage.prompt_tokens * share)
-        work.usage.total_tokens += round(usage.total_tokens * share)
+        # The request's usage split by each member's share of texts, cumulatively rounded
+        # so the shares add up to what the provider billed, to the token.
+        before, done = done, done + len(take)
+        work.usage.prompt_tokens += _share(usage.prompt_tokens, before, done, total)
+        work.usage.total_tokens += _share(usage.total_tokens, before, done, total)
         work.provider = provider
         work.answered_model = answer.answer.model or work.model
         if member.outcome is None and not work.unsent and not work.in_flight:
             scheduler.finish(member, _result(scheduler, member))
     _land(scheduler, carrier, got)
     carrier.batch = None
+
+
+def _share(tokens: int, before: int, upto: int, total: int) -> int:
+    return round(tokens * upto / total) - round(tokens * before / total)
 
 
 def _put_back(

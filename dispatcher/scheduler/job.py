@@ -104,6 +104,7 @@ class Job:
     embed: EmbedWork | None = None  # an embed job's texts, packed into shared requests
     batch: Batch | None = None  # set on a packed request: the member jobs it answers
     flight: Flight | None = None  # the shared call it leads or follows (flights.py)
+    parked: bool = False  # held back by its client's rpm (clients.py)
     outcome: Result | Error | DispatcherError | None = None  # Error: replayed from the journal
     done: anyio.Event = field(default_factory=anyio.Event)
     persisted: anyio.Event = field(default_factory=anyio.Event)  # its journal row is committed
@@ -146,9 +147,10 @@ class Job:
         return self.client if self.client.startswith("client:") else f"uid:{self.uid}"
 
     @property
-    def follows(self) -> bool:
-        """It waits for an identical job's upstream call (flights.py), outside the queue."""
-        return self.flight is not None and self.flight.leader is not self
+    def waits_outside(self) -> bool:
+        """It waits outside the queue: for an identical job's upstream call (flights.py),
+        or for room in its client's minute (clients.py)."""
+        return self.parked or (self.flight is not None and self.flight.leader is not self)
 
     @property
     def timeout_s(self) -> float:

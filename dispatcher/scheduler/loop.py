@@ -39,14 +39,14 @@ from anyio.abc import TaskStatus
 
 from dispatcher.contract.config import Config
 from dispatcher.contract.errors import Cancelled, ClientError, DispatcherError
-from dispatcher.contract.protocol import ChatRequest, JobRequest, Result, Status
-from dispatcher.core import admission, hedging, keys, outcomes
+from dispatcher.contract.protocol import JobRequest, Result, Status
+from dispatcher.core import admission, keys, outcomes
 from dispatcher.core.fair_queue import FairQueue
 from dispatcher.core.plan import EXPIRY_SCAN, plan
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers import adapters
 from dispatcher.providers.actor import Outcome
-from dispatcher.scheduler import batches, flights, hedges, status, verdicts
+from dispatcher.scheduler import batches, clients, flights, hedges, starts, status, verdicts
 from dispatcher.scheduler.handles import Observer, ProviderHandle
 from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
@@ -90,9 +90,10 @@ class Scheduler:
         self.journal: Journal | None = None
         self.ledger: LocalLedger | None = None
         self.shared: SharedLedger | None = None  # several daemons on the same keys
-        self.observers: list[Observer] = []
         self.timers = Timers()
         self.flights = flights.Flights()  # identical jobs in flight share one call
+        self.budgets = clients.Budgets(config)  # per-client budgets; it observes every job
+        self.observers: list[Observer] = [self.budgets]
         self._wakeup, self._changed = anyio.Event(), anyio.Event()
         self._dispatching = False
         self._last_expiry_scan = -1.0
@@ -159,6 +160,7 @@ class Scheduler:
             rng=self.rng,
             refusal=adapters.refusals(self.config.providers),
         )
+        admitted = self.budgets.check(request, admitted, client=client, uid=uid)
         return self.accept(request, admitted, client=client, uid=uid, on_chunk=on_chunk, size=size)
 
     def accept(
@@ -188,7 +190,7 @@ class Scheduler:
             self.finish(job, answered)
             return job
         self.timers.add_deadline(job)
-        if not self.flights.join(self, job):
+        if not self.flights.join(self, job) and self.budgets.admit(self, job, now):
             self.queue.push(job)
             self._dispatch_now(now)
         return job
@@ -200,7 +202,7 @@ class Scheduler:
         job.stop = reason or Cancelled("the job was cancelled")
         if job.state in ("queued", "retrying") and self.queue.remove(job):
             self.finish(job, job.stop)
-        elif job.embed is not None or job.follows:
+        elif job.embed is not None or job.waits_outside:
             batches.stop(self, job, job.stop)  # it rides in a shared call: answer it now
         elif job.provider is not None:
             self.actors[job.provider].cancel(job.id)
@@ -232,6 +234,7 @@ class Scheduler:
     def reconfigure(self, config: Config) -> None:
         """Take a new configuration (SIGHUP); jobs already accepted keep their routes."""
         self.config = config
+        self.budgets.reconfigure(config)
 
     def after_reconfigure(self) -> None:
         """Fail queued jobs that no provider can take any more; wake the planner."""
@@ -341,36 +344,13 @@ class Scheduler:
         packed = []
         for job, name in decided.assign:
             if job.embed is None:
-                self._start(job, name, now)
+                starts.start(self, job, name, now)
             else:
                 packed.append((job, name))
         return batches.start_all(self, packed, now, decided.wake_at)
 
-    def _start(self, job: Job, name: str, now: float) -> None:
-        """Reserve the slot and token the plan gave the job and hand it to the actor."""
-        self.queue.remove(job, served=True)
-        limits = self.limits[name]
-        limits.reserve(job.id, now, job.prompt_tokens)
-        if self.ledger is not None:  # written down, so a restart remembers the spend
-            self.ledger.spent(name)
-            if limits.daily is not None:
-                self.ledger.charged(name, job.prompt_tokens)
-        job.state, job.provider = "running", name
-        job.attempts += 1
-        self.attempts_sent += 1
-        if job.attempts > 1:
-            self.retries_in_flight.add(job.id)
-        streaming = isinstance(job.request, ChatRequest) and job.request.stream
-        if hedging.hedgeable(job, self.config.classes.get(job.klass), streaming=streaming):
-            self.timers.add_hedge(now + limits.hedge_after_s(), job)
-        if not self.actors[name].deliver(job):
-            limits.release(job.id)
-            self.retries_in_flight.discard(job.id)
-            job.attempts -= 1
-            job.provider = None
-            self.requeue(job)
-
     def _expire(self, now: float) -> None:
+        self.budgets.release_due(self, now)
         for job in list(self.timers.due_deadlines(now, self.active)):
             self.cancel(job, outcomes.timeout_error(job, "did not finish before its deadline"))
 

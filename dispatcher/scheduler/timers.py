@@ -19,13 +19,14 @@ DEADLINES_SLACK = 1024  # finished jobs' deadline entries tolerated before a reb
 
 
 class Timers:
-    __slots__ = ("_deadlines", "_hedge_ids", "_hedges", "_seq")
+    __slots__ = ("_deadlines", "_hedge_ids", "_hedges", "_seq", "_wakes")
 
     def __init__(self) -> None:
         self._deadlines: list[tuple[float, int, str]] = []  # (deadline, seq, job id)
         self._hedges: list[tuple[float, int, Job]] = []  # (when to hedge, seq, job)
         self._hedge_ids: set[str] = set()  # jobs that may have an entry in _hedges
         self._seq = itertools.count()
+        self._wakes: list[float] = []  # when something else is due (a client's minute frees)
 
     def __repr__(self) -> str:
         return f"<Timers deadlines {len(self._deadlines)} hedges {len(self._hedges)}>"
@@ -38,9 +39,22 @@ class Timers:
         heapq.heappush(self._hedges, (at, next(self._seq), job))
         self._hedge_ids.add(job.id)
 
+    def add_wake(self, at: float) -> None:
+        heapq.heappush(self._wakes, at)
+
     def next_at(self) -> float | None:
         heads = [heap[0][0] for heap in (self._hedges, self._deadlines) if heap]
+        if self._wakes:
+            heads.append(self._wakes[0])
         return min(heads) if heads else None
+
+    def wakes_due(self, now: float) -> bool:
+        """Whether a wake-up is due; the due ones are dropped."""
+        due = False
+        while self._wakes and self._wakes[0] <= now:
+            heapq.heappop(self._wakes)
+            due = True
+        return due
 
     def due_deadlines(self, now: float, active: Mapping[str, Job]) -> Iterator[Job]:
         """Unfinished jobs whose deadline passed by ``now``."""

@@ -158,6 +158,10 @@ class ProviderStats:
     """``time.monotonic()`` arrival of every request."""
     texts: int = 0
     """Embeddings texts answered (the inputs of every 2xx embeddings answer)."""
+    prompt_tokens: int = 0
+    """Prompt tokens of every answer's ``usage``: what the provider bills."""
+    completion_tokens: int = 0
+    """Completion tokens of every answer's ``usage``."""
 
 
 # ---------------------------------------------------------------------------
@@ -966,6 +970,8 @@ class FakeProvider:
             + estimate_tokens(answer.reasoning or "")
             + sum(estimate_tokens(call.name + call.arguments) for call in answer.calls)
         )
+        self.stats.prompt_tokens += prompt
+        self.stats.completion_tokens += completion
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -1071,6 +1077,7 @@ class FakeProvider:
         inputs: list[str] = [given] if isinstance(given, str) else given
         as_base64 = body.get("encoding_format") == "base64"
         self.stats.texts += len(inputs)
+        self.stats.prompt_tokens += tokens
         data = []
         for index, text in enumerate(inputs):
             vector = _embedding(text, b.embed_dims, b.seed)
