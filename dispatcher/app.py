@@ -196,6 +196,7 @@ class Daemon:
         )
         shared.on_freed = self.scheduler.on_freed
         self.scheduler.shared = shared
+        self.scheduler.budgets.shared = shared
         await tg.start(shared.run)
         log.info("ledger.cluster", instance=instance, key_prefix=cluster.key_prefix)
 

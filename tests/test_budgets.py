@@ -11,6 +11,8 @@ import grp
 import json
 import os
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +20,31 @@ import aiohttp
 import anyio
 import msgspec
 import pytest
+import redis
 
 from dispatcher.contract.config import ClientConfig, Config, parse_config
 from dispatcher.contract.errors import ClientError, NoProvider, Overloaded
 from dispatcher.contract.protocol import ChatRequest, Error, Result
+from dispatcher.core.budgets import utc_day
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.scheduler.loop import Scheduler
 from dispatcher.testing.simulator import Behaviour
-from tests.helpers import FakeClock, FakeHandle, build_config, chat, fakes, keys_for, provider_entry
+from tests.helpers import (
+    FakeClock,
+    FakeHandle,
+    build_config,
+    chat,
+    fakes,
+    keys_for,
+    provider_entry,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
 
 UID = os.getuid()
 OTHER_TOKEN = "other-token-Qm4Rt8Vk3Hx2Lp9W"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 PROMPT = "tell me about the weather over the hills today " * 8  # about 100 tokens
 
 
@@ -294,3 +308,52 @@ def _toml(config: Config) -> str:
         if c.providers is not None:
             lines.append("providers = [" + ", ".join(f'"{p}"' for p in c.providers) + "]\n")
     return "\n".join(lines) + "\n"
+
+
+async def test_a_daily_budget_holds_across_daemons_sharing_redis(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Two daemons on one Redis: what the client spent on one counts on the other."""
+    prefix = f"test-budget-{uuid.uuid4().hex[:8]}"
+    try:
+        async with fakes(a=Behaviour(name="a")) as f:
+
+            def config(name: str) -> Config:
+                return build_config(
+                    {"a": provider_entry(f["a"])},
+                    daemon={"state_dir": str(tmp_path / name)},
+                    cluster={"redis_url": REDIS_URL, "key_prefix": prefix, "instance_name": name},
+                    clients={"limited": {"uids": [UID], "daily_tokens": 1000}},
+                )
+
+            async with (
+                start_daemon(config("d1"), socket=str(tmp_path / "d1.sock")) as d1,
+                start_daemon(config("d2"), socket=str(tmp_path / "d2.sock")) as d2,
+            ):
+                spent = 0
+                async with d1.client() as client:
+                    while spent < 700:
+                        reply = await client.call(chat(f"{spent} {PROMPT}", max_tokens=20))
+                        assert isinstance(reply, Result), reply
+                        spent += reply.usage.total_tokens
+                shared = d2.daemon.scheduler.budgets.shared
+                assert shared is not None
+                day = utc_day(time.time())
+                await until(lambda: shared.client_tokens("limited", day=day) >= spent)
+                async with d2.client() as client:
+                    replies = []
+                    for n in range(10):
+                        replies.append(await client.call(chat(f"d2 {n} {PROMPT}", max_tokens=20)))
+                        if isinstance(replies[-1], Error):
+                            break
+    finally:
+        r = redis.Redis.from_url(REDIS_URL)
+        keys = list(r.scan_iter(f"{prefix}:*"))
+        if keys:
+            r.delete(*keys)
+        r.close()
+    refused = replies[-1]
+    assert isinstance(refused, Error), replies
+    assert refused.code == "quota_exhausted"
+    on_d2 = sum(r.usage.total_tokens for r in replies if isinstance(r, Result))
+    assert spent + on_d2 - (replies[-2].usage.total_tokens if len(replies) > 1 else 0) < 1000

@@ -223,6 +223,29 @@ async def test_use_reports_the_fleet_after_a_refresh(prefix: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_clients_daily_tokens_are_counted_for_the_fleet(prefix: str) -> None:
+    """What each host charges a client adds up in Redis, and each host reads the sum."""
+    a, b = _two(prefix)
+    day = "2026-12-02"
+    async with _running(a, b):
+        a.charge_client("alice", 600, day=day)
+        b.charge_client("alice", 500, day=day)
+        b.charge_client("alice", -100, day=day)  # an estimate corrected
+        assert a.client_tokens("alice", day=day) == 600  # ours at once, before any refresh
+        await _eventually(
+            lambda: a.client_tokens("alice", day=day) == b.client_tokens("alice", day=day) == 1000,
+            within=3.0,
+        )
+        assert a.client_tokens("alice", day="2026-12-03") == 0  # a new day starts again
+    client = redis.Redis.from_url(URL)
+    try:
+        assert int(client.get(f"{prefix}:client:{{alice}}:{day}") or 0) == 1000
+        assert 0 < client.ttl(f"{prefix}:client:{{alice}}:{day}") <= 2 * 86_400
+    finally:
+        client.close()
+
+
+@pytest.mark.anyio
 async def test_starts_and_keeps_a_local_share_when_nothing_listens(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

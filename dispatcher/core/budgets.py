@@ -86,8 +86,12 @@ def refusal(
     priority: int,
     prompt_tokens: int,
     wall: float,
+    fleet_tokens: int = 0,
 ) -> DispatcherError | tuple[str, ...]:
-    """Why this client may not submit the job now, or the providers it may use for it."""
+    """Why this client may not submit the job now, or the providers it may use for it.
+
+    ``fleet_tokens``: what every daemon sharing this client's budget charged it today
+    (Redis), when that is known; the larger of it and this daemon's own count holds."""
     policy, who = state.policy, f"client {state.name}"
     if policy.classes is not None and klass not in policy.classes:
         allowed = ", ".join(policy.classes) or "none"
@@ -116,7 +120,7 @@ def refusal(
             retry_after_s=1.0,
         )
     if policy.daily_tokens:
-        used = state.tokens_today(wall)
+        used = max(state.tokens_today(wall), fleet_tokens)
         if used + prompt_tokens > policy.daily_tokens:
             frees = next_midnight(wall)
             at = datetime.datetime.fromtimestamp(frees, datetime.UTC).strftime("%Y-%m-%d %H:%M")

@@ -29,8 +29,9 @@ from dispatcher.contract.config import Config
 from dispatcher.contract.errors import DispatcherError
 from dispatcher.contract.protocol import JobRequest, Result
 from dispatcher.core.admission import Admission
-from dispatcher.core.budgets import ClientState, refusal
+from dispatcher.core.budgets import ClientState, refusal, utc_day
 from dispatcher.scheduler.job import Job
+from dispatcher.store.ledger import SharedLedger
 from dispatcher.store.usage import UsageStore
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Budgets:
         self.states: dict[str, ClientState] = {}
         self.parked: dict[str, deque[Job]] = {}
         self.usage = UsageStore(None)  # the daemon opens one in state_dir
+        self.shared: SharedLedger | None = None  # several daemons: daily tokens fleet-wide
         self.reconfigure(config)
 
     def __repr__(self) -> str:
@@ -94,13 +96,18 @@ class Budgets:
         state = self.state_of(_owner(client, uid))
         if state is None:
             return admitted
+        wall = self.wall()
+        fleet = 0
+        if self.shared is not None and state.policy.daily_tokens:
+            fleet = self.shared.client_tokens(state.name, day=utc_day(wall))
         decided = refusal(
             state,
             klass=admitted.klass,
             eligible=admitted.eligible,
             priority=request.priority,
             prompt_tokens=admitted.prompt_tokens,
-            wall=self.wall(),
+            wall=wall,
+            fleet_tokens=fleet,
         )
         if isinstance(decided, DispatcherError):
             raise decided
@@ -115,7 +122,7 @@ class Budgets:
         if state is None:
             return True
         state.jobs.add(job.id)
-        state.charge(self.wall(), job.prompt_tokens)  # corrected when it ends
+        self._charge(state, job.prompt_tokens)  # corrected when it ends
         bucket = state.bucket
         if not bucket.rpm:
             return True
@@ -151,6 +158,12 @@ class Budgets:
             if not parked:
                 del self.parked[name]
 
+    def _charge(self, state: ClientState, tokens: int) -> None:
+        wall = self.wall()
+        state.charge(wall, tokens)
+        if self.shared is not None and state.policy.daily_tokens and tokens:
+            self.shared.charge_client(state.name, tokens, day=utc_day(wall))
+
     # -- the observer ----------------------------------------------------------------------
 
     def on_attempt(self, provider: str, outcome: str, latency_s: float) -> None:
@@ -162,7 +175,7 @@ class Budgets:
         state = self.state_of(job.owner)
         if state is not None and job.id in state.jobs:
             state.jobs.discard(job.id)
-            state.charge(self.wall(), spent - job.prompt_tokens)
+            self._charge(state, spent - job.prompt_tokens)
         usage = outcome.usage if isinstance(outcome, Result) else None
         cached = isinstance(outcome, Result) and (outcome.cached or outcome.attempts == 0)
         self.usage.record(

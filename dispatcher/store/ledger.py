@@ -77,6 +77,14 @@ class SharedLedger(Protocol):
         """Record a learned request limit for every host."""
         ...
 
+    def charge_client(self, client: str, tokens: int, *, day: str) -> None:
+        """Add to a client's fleet-wide token count for the UTC ``day`` (no I/O)."""
+        ...
+
+    def client_tokens(self, client: str, *, day: str) -> int:
+        """The fleet's tokens charged to ``client`` on ``day``, as last seen plus ours since."""
+        ...
+
     def use(self) -> dict[str, ProviderUse]:
         """The latest fleet-wide view, refreshed by ``run`` (no I/O)."""
         ...

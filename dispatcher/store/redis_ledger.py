@@ -12,6 +12,10 @@ one script may touch them all:
 * ``tokens`` hash: tokens charged per hour (field = hours since the epoch), summed
   over the trailing 24 hours; the hash expires 25 h after the last charge.
 
+Per client with a daily budget, ``{prefix}:client:{<name>}:<YYYY-MM-DD>`` counts the
+tokens the whole fleet charged it on that UTC day (a string, INCRBY, expiring after two
+days); each host adds its charges in the next refresh's pipeline and reads the others'.
+
 Beside them, ``{prefix}:instances`` is a ZSET of heartbeats (member = instance
 name, score = server time) and ``{prefix}:freed`` the Pub/Sub channel on which a
 release announces the provider whose slot came free.
@@ -73,6 +77,7 @@ FORGET_INSTANCE_S = 3600.0  # heartbeats older than this are deleted
 CONCURRENCY_HINT_S = 1.0  # the longest retry_after of a "concurrency" refusal
 LISTEN_POLL_S = 1.0  # the freed listener wakes this often even when nothing comes
 KEY_GRACE_MS = 1000  # a window or slots key outlives its newest member by this much
+CLIENT_DAY_KEEP_S = 2 * 86_400  # a client's day count outlives its day by a day
 
 # Errors that mean "Redis is unreachable, slow or confused": all turn into degraded mode.
 # TimeoutError is also what anyio.fail_after raises.
@@ -352,6 +357,9 @@ class RedisLedger:
         self._degraded_logged = False
         self._renewed_at = -math.inf
         self._sends = itertools.count()
+        # client -> [fleet tokens today as last seen, our charges not yet written]
+        self._clients: dict[str, list[int]] = {}
+        self._client_day = ""
 
     def __repr__(self) -> str:
         held = sum(len(p.local.held) for p in self._providers.values())
@@ -491,6 +499,24 @@ class RedisLedger:
             else:
                 return
         p.unsynced_learned = True
+
+    def charge_client(self, client: str, tokens: int, *, day: str) -> None:
+        """Add ``tokens`` (negative: a correction) to the client's fleet-wide count for ``day``;
+        written in the next refresh (no I/O here)."""
+        self._roll_clients(day)
+        self._clients.setdefault(client, [0, 0])[1] += tokens
+
+    def client_tokens(self, client: str, *, day: str) -> int:
+        """The tokens the fleet charged ``client`` on ``day``: as last seen, plus ours since."""
+        self._roll_clients(day)
+        seen, unsynced = self._clients.setdefault(client, [0, 0])
+        return seen + unsynced
+
+    def _roll_clients(self, day: str) -> None:
+        if day != self._client_day:
+            self._client_day = day
+            for counts in self._clients.values():
+                counts[0] = counts[1] = 0  # a new UTC day: every budget starts again
 
     def use(self) -> dict[str, ProviderUse]:
         """The fleet as last seen, per provider this ledger has met (no I/O)."""
@@ -666,6 +692,8 @@ class RedisLedger:
         now = self._clock()
         providers = list(self._providers.values())
         renew = now - self._renewed_at >= self._lease_s / 3
+        day = self._client_day
+        clients = [(name, counts[1]) for name, counts in self._clients.items()]
 
         def build(pipe: Pipeline) -> None:
             self._eval(
@@ -677,6 +705,13 @@ class RedisLedger:
             for p in providers:
                 keys = [p.window, p.slots, p.block, p.learned, p.tokens]
                 self._eval(pipe, _VIEW, keys, [_ms(p.local.window_s)])
+            for name, delta in clients:
+                key = f"{self._prefix}:client:{{{name}}}:{day}"
+                if delta:
+                    pipe.incrby(key, delta)
+                    pipe.expire(key, CLIENT_DAY_KEEP_S)
+                else:
+                    pipe.get(key)
             if renew:
                 self._renew(pipe)
 
@@ -691,6 +726,13 @@ class RedisLedger:
                 p.local.blocked_until = max(p.local.blocked_until, now + blocked_ms / 1000)
             if learned_rpm:
                 p.learned_rpm = learned_rpm
+        at = 1 + len(providers)
+        for name, delta in clients:
+            seen = int(replies[at] or 0)
+            at += 2 if delta else 1
+            counts = self._clients.get(name)
+            if counts is not None and self._client_day == day:
+                counts[0], counts[1] = seen, counts[1] - delta
 
     def _renew(self, pipe: Pipeline) -> None:
         for p in self._providers.values():
