@@ -46,7 +46,7 @@ from dispatcher.ingress.unix_server import Server
 from dispatcher.ingress.web import ClientTokens
 from dispatcher.providers.actor import ProviderActor
 from dispatcher.providers.supervisor import ChildSpec, RestartIntensityExceeded, Supervisor
-from dispatcher.scheduler import replay
+from dispatcher.scheduler import fleet, replay
 from dispatcher.scheduler.loop import Scheduler
 from dispatcher.store.embed_cache import EmbedCache
 from dispatcher.store.journal import Journal
@@ -197,6 +197,7 @@ class Daemon:
         shared.on_freed = self.scheduler.on_freed
         self.scheduler.shared = shared
         self.scheduler.budgets.shared = shared
+        shared.on_view = functools.partial(fleet.apply_view, self.scheduler)
         await tg.start(shared.run)
         log.info("ledger.cluster", instance=instance, key_prefix=cluster.key_prefix)
 

@@ -25,7 +25,7 @@ import redis.asyncio
 from structlog.testing import capture_logs
 
 from dispatcher.store import redis_ledger
-from dispatcher.store.ledger import Deny, Grant, SharedLedger
+from dispatcher.store.ledger import Deny, Grant, ProviderUse, SharedLedger
 from dispatcher.store.redis_ledger import LocalShare, RedisLedger
 
 URL = "redis://127.0.0.1:6379/0"
@@ -220,6 +220,29 @@ async def test_use_reports_the_fleet_after_a_refresh(prefix: str) -> None:
 
         await _eventually(seen, within=2.0)
         assert a.instances == 2
+
+
+@pytest.mark.anyio
+async def test_blocks_and_learned_limits_noted_without_io_reach_the_other_host(
+    prefix: str,
+) -> None:
+    """note_block / note_learned (for synchronous callers) travel in the next turn, and the
+    other host hears of them through on_view."""
+    a, b = _two(prefix)
+    views: list[dict[str, ProviderUse]] = []
+    b.on_view = views.append
+    limits = {"rpm": 0, "concurrency": 5, "window_s": 60.0}
+    async with _running(a, b):
+        assert await b.acquire("p", "j0", **limits) == Grant()  # b knows the provider
+        a.note_block("p", 5.0)
+        a.note_learned("p", 30)
+
+        def heard() -> bool:
+            use = views[-1].get("p") if views else None
+            return use is not None and use.learned_rpm == 30 and use.blocked_for_s > 4
+
+        await _eventually(heard, within=3.0)
+        assert isinstance(await b.acquire("p", "j1", **limits), Deny)
 
 
 @pytest.mark.anyio

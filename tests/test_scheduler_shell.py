@@ -20,7 +20,9 @@ from dispatcher.contract.protocol import ChatRequest, Result, Usage
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers.actor import Answer
 from dispatcher.providers.wire import ChatAnswer
+from dispatcher.scheduler import fleet
 from dispatcher.scheduler.loop import Scheduler
+from dispatcher.store.ledger import ProviderUse
 from tests.helpers import FakeClock, FakeHandle
 
 pytestmark = pytest.mark.anyio
@@ -210,3 +212,66 @@ def test_a_leader_that_timed_out_hands_its_followers_a_call() -> None:
     scheduler.on_outcome(followers[0], "a", _answer("late but here"))
     assert [getattr(f.outcome, "content", None) for f in followers] == ["late but here"] * 2
     assert [getattr(f.outcome, "attempts", None) for f in followers] == [1, 0]
+
+
+# -- the fleet's view ---------------------------------------------------------------------
+
+
+class _Shared:
+    """The part of a shared ledger that fleet.tell writes to."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[str, float]] = []
+        self.learned: list[tuple[str, int]] = []
+
+    def note_block(self, provider: str, seconds: float) -> None:
+        self.blocks.append((provider, seconds))
+
+    def note_learned(self, provider: str, rpm: int) -> None:
+        self.learned.append((provider, rpm))
+
+
+def test_the_fleets_blocks_learned_limits_and_daily_use_hold_here() -> None:
+    """A block, a learned rate and a spent daily quota another host saw shape our planning."""
+    clock = FakeClock()
+    config = parse_config(
+        {
+            "providers": {
+                "a": {"url": "http://127.0.0.1:1/a", "model": "m", "daily_tokens": 1000},
+                "b": {"url": "http://127.0.0.1:1/b", "model": "m"},
+            },
+            "classes": {"default": {"providers": ["a", "b"]}},
+        }
+    )
+    scheduler, _ = _scheduler(config, clock)
+    fleet.apply_view(
+        scheduler,
+        {
+            "a": ProviderUse(in_flight=0, window_spent=0, daily_tokens=990, blocked_for_s=0.0),
+            "b": ProviderUse(
+                in_flight=0, window_spent=0, daily_tokens=0, blocked_for_s=5.0, learned_rpm=30
+            ),
+        },
+    )
+    a, b = scheduler.limits["a"], scheduler.limits["b"]
+    assert not a.fits_today(20, clock())  # 990 of 1000 spent by the fleet
+    assert a.fits_today(10, clock())
+    assert b.blocked_until == clock() + 5.0
+    assert b.bucket.rpm == 30
+    learned = b.learned()
+    assert learned is not None
+    assert learned.source == fleet.FROM_FLEET
+
+
+def test_what_a_verdict_finds_is_told_to_the_fleet() -> None:
+    """A Retry-After block and an open circuit go to the shared ledger as blocks."""
+    clock = FakeClock()
+    scheduler, _ = _scheduler(_config(a=1), clock)
+    shared = _Shared()
+    scheduler.shared = shared  # type: ignore[assignment]
+    limits = scheduler.limits["a"]
+    limits.block(clock() + 7.0)
+    fleet.tell(
+        scheduler, limits, clock(), blocked_before=0.0, learned_before=None, circuit_opened=True
+    )
+    assert shared.blocks == [("a", 7.0), ("a", scheduler.config.circuit.cooldown_s)]

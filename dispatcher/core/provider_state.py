@@ -64,6 +64,7 @@ class ProviderLimits:
     sent: WindowCounter = field(default_factory=WindowCounter)  # requests in the last minute
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=200))  # service times
     daily: DailyBudget | None = None  # the provider's daily token quota, when it has one
+    fleet_daily_used: int = 0  # tokens every host sharing the key charged in the last day
     # What a 429 is read against: the sends of the window (kept only while the rate is
     # learned) and each attempt's send, kept a little past its release for its verdict.
     _window: deque[_Send] = field(default_factory=deque, init=False, repr=False)
@@ -198,7 +199,11 @@ class ProviderLimits:
             self._window.remove(send)
 
     def fits_today(self, tokens: int, now: float) -> bool:
-        return self.daily is None or self.daily.remaining(now) >= tokens
+        """Room in the daily quota: by this daemon's count and by the fleet's, if shared."""
+        if self.daily is None:
+            return True
+        fleet_left = self.daily.limit - self.fleet_daily_used
+        return min(self.daily.remaining(now), fleet_left) >= tokens
 
     def release(self, job_id: str) -> None:
         self.running.pop(job_id, None)

@@ -10,7 +10,7 @@ from dispatcher.contract.errors import Cancelled, NoProvider, UpstreamError
 from dispatcher.core import outcomes
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers.actor import Answer, NotSent, Outcome
-from dispatcher.scheduler import results
+from dispatcher.scheduler import fleet, results
 from dispatcher.scheduler.job import Job
 from dispatcher.store.ledger import Deny
 
@@ -95,9 +95,18 @@ def judged(
         new = limits.learned()
         if new is not None and new != learned:
             ledger.learned(provider, new, age_s=now - new.at)
+    opened = not was_open and limits.circuit.state == "open"
+    fleet.tell(
+        scheduler,
+        limits,
+        now,
+        blocked_before=blocked,
+        learned_before=learned,
+        circuit_opened=opened,
+    )
     if isinstance(outcome, UpstreamError):
         _note_capped_wait(limits, outcome.retry_after_s)
-        if not was_open and limits.circuit.state == "open":
+        if opened:
             log.warning("circuit.open", provider=provider, reason=outcome.short())
         log.info(
             "attempt.failed",

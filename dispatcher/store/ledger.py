@@ -54,6 +54,7 @@ class SharedLedger(Protocol):
     mode: LedgerMode
     instances: int  # daemons seen alive, this one included
     on_freed: Callable[[str], None] | None  # a slot of this provider came free somewhere
+    on_view: Callable[[dict[str, ProviderUse]], None] | None  # after each refresh of the view
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Heartbeat, renew our leases, refresh the fleet view; report started at once."""
@@ -75,6 +76,14 @@ class SharedLedger(Protocol):
 
     async def learned(self, provider: str, rpm: int) -> None:
         """Record a learned request limit for every host."""
+        ...
+
+    def note_block(self, provider: str, seconds: float) -> None:
+        """Record a Retry-After block (or an open circuit) for every host, in the next turn."""
+        ...
+
+    def note_learned(self, provider: str, rpm: int) -> None:
+        """Record a learned request limit for every host, in the next turn."""
         ...
 
     def charge_client(self, client: str, tokens: int, *, day: str) -> None:

@@ -343,6 +343,7 @@ class RedisLedger:
         self.mode: LedgerMode = "degraded"
         self.instances = max(1, instances_hint)  # the hint until a heartbeat counts them
         self.on_freed: Callable[[str], None] | None = None
+        self.on_view: Callable[[dict[str, ProviderUse]], None] | None = None
         self._url = url
         self._instance = instance
         self._prefix = key_prefix
@@ -500,6 +501,18 @@ class RedisLedger:
                 return
         p.unsynced_learned = True
 
+    def note_block(self, provider: str, seconds: float) -> None:
+        """Record a block for every host in the next turn (no I/O: for synchronous callers)."""
+        p = self._provider(provider)
+        p.local.blocked_until = max(p.local.blocked_until, self._clock() + seconds)
+        p.unsynced_block = True
+
+    def note_learned(self, provider: str, rpm: int) -> None:
+        """Record a learned request limit for every host in the next turn (no I/O)."""
+        p = self._provider(provider)
+        p.learned_rpm = rpm
+        p.unsynced_learned = True
+
     def charge_client(self, client: str, tokens: int, *, day: str) -> None:
         """Add ``tokens`` (negative: a correction) to the client's fleet-wide count for ``day``;
         written in the next refresh (no I/O here)."""
@@ -624,9 +637,13 @@ class RedisLedger:
 
     async def _turn(self, client: Redis) -> None:
         """One turn: write back what happened while degraded, then heartbeat, renew, refresh."""
-        if self.mode != "shared":
+        if self.mode != "shared" or any(
+            p.unsynced_block or p.unsynced_learned for p in self._providers.values()
+        ):
             await self._write_back(client)
         await self._refresh(client)
+        if self.on_view is not None:
+            self.on_view(self.use())
         if self.mode != "shared":
             # Grants made while the refresh was on the wire: write them back too, and
             # resume with no await between the last check and the switch.
