@@ -1007,7 +1007,8 @@ async def run_fleet_redis_down(settings: LimitsSettings) -> RedisDownRun:
 
 
 async def run_fleet_latency(settings: LimitsSettings) -> AddedLatencyRun:
-    """One job at a time through a local and a shared daemon of one config, interleaved."""
+    """One job at a time through a local and a shared daemon of one config, interleaved;
+    the daemons run in processes of their own."""
     from dispatcher.testing.simulator import Behaviour
 
     url = settings.redis_url
@@ -1029,9 +1030,13 @@ async def run_fleet_latency(settings: LimitsSettings) -> AddedLatencyRun:
                 str(Path(tmp) / "shared.sock"),
                 cluster=_cluster(url, prefix, "latency", settings),
             )
+            # Each daemon in its own process, as in use: in this one they would share the
+            # event loop with the client and the fake, and each other's turns would count.
+            for name in ("local", "shared"):
+                (Path(tmp) / name).mkdir()
             async with (
-                _daemon(local_raw, settings.seed),
-                _daemon(shared_raw, settings.seed),
+                _subprocess_daemon(local_raw, Path(tmp) / "local"),
+                _subprocess_daemon(shared_raw, Path(tmp) / "shared"),
             ):
                 shared_socket = str(shared_raw["daemon"]["socket"])
                 if await _wait_modes([shared_socket], "shared", SHARED_DEADLINE_S) is None:
