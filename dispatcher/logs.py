@@ -8,6 +8,13 @@ and that secret's base64 forms, wherever it appears in the event.
 aiohttp's own loggers (and asyncio's) go through the same processors: their
 records are rendered as events on the same stream, redacted, never printed raw
 to stderr by logging's last-resort handler.
+
+Cost: every job logs one line, so the chain is kept cheap. Short strings already
+redacted are remembered (event names, provider and class names repeat on every
+line), the memory cleared whenever a new secret is registered; the fields our own
+processors add (time, level) are not scanned; and every logger writes through one
+shared writer per stream. (The JSON stays the standard library's, byte for byte:
+scripts grep it.)
 """
 
 from __future__ import annotations
@@ -46,6 +53,13 @@ _HANDLER_NAME: Final = "dispatcher.redacting"
 _secrets: set[str] = set()
 _pattern = re.compile("|".join(_KEY_PATTERNS), re.IGNORECASE)
 
+# Redacted forms of short strings seen lately; cleared whenever the patterns change.
+_redacted: dict[str, str] = {}
+_REMEMBERED_LEN: Final = 64  # job ids and names, not prompts or error texts
+_REMEMBERED_MAX: Final = 4096
+# Fields our own processors add, from our clock and our level names: never a secret.
+_OWN_FIELDS: Final = frozenset({"timestamp", "level", "logger"})
+
 
 def base64_forms(secret: str) -> set[str]:
     """The secret as it reads inside base64 text: standard and urlsafe, padded or not.
@@ -83,10 +97,19 @@ def add_secret(value: str) -> None:
         # Longest first: at one position the whole form wins over a shorter core.
         literal = "|".join(re.escape(s) for s in sorted(set(_literals()), key=len, reverse=True))
         _pattern = re.compile(f"{literal}|" + "|".join(_KEY_PATTERNS), re.IGNORECASE)
+        _redacted.clear()  # what was clean may hold the new secret
 
 
 def redact_text(text: str) -> str:
-    return _pattern.sub(REDACTED, text)
+    known = _redacted.get(text)
+    if known is not None:
+        return known
+    clean = _pattern.sub(REDACTED, text)
+    if len(text) <= _REMEMBERED_LEN:
+        if len(_redacted) >= _REMEMBERED_MAX:
+            _redacted.clear()
+        _redacted[text] = clean
+    return clean
 
 
 def _redact(value: Any) -> Any:
@@ -105,7 +128,8 @@ def redact_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key, value in event_dict.items():
-        event_dict[key] = _redact(value)
+        if key not in _OWN_FIELDS:
+            event_dict[key] = _redact(value)
     return event_dict
 
 
@@ -135,10 +159,23 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        # One writer for every logger: the lazy proxies build a logger on every call.
+        logger_factory=_SharedWriter(structlog.WriteLogger(out)),
         cache_logger_on_first_use=False,
     )
     _route_foreign_loggers(out, numeric_level, shared, renderer)
+
+
+class _SharedWriter:
+    """A logger factory handing out one writer, instead of a new one per log call."""
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, writer: structlog.WriteLogger) -> None:
+        self._writer = writer
+
+    def __call__(self, *_: Any) -> structlog.WriteLogger:
+        return self._writer
 
 
 def _route_foreign_loggers(out: TextIO, level: int, shared: list[Any], renderer: Any) -> None:

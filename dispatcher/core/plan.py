@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,14 +33,69 @@ class Plan:
     wake_at: float | None = None  # replan then even if nothing happens
 
 
+class _Times:
+    """A multiset of times, read smallest first, built only as far as it is read.
+
+    It holds ``count`` copies of ``base``, a heap of times that may come earlier
+    (``early``), and the times ``later()`` computes, none earlier than ``base``:
+    those are computed only once the copies of ``base`` run out. A provider with
+    free slots (or ready tokens) thus costs the planner nothing per attempt it
+    has running (or token it has out).
+    """
+
+    __slots__ = ("_early", "_late", "_later", "base", "count")
+
+    def __init__(
+        self, base: float, count: int, early: list[float], later: Callable[[], list[float]]
+    ) -> None:
+        self.base = base
+        self.count = count
+        self._early = early
+        heapq.heapify(early)
+        self._late: list[float] | None = None
+        self._later = later
+
+    def _late_heap(self) -> list[float]:
+        if self._late is None:
+            self._late = self._later()
+            heapq.heapify(self._late)
+        return self._late
+
+    def first(self) -> float:
+        """The smallest time; ``math.inf`` when there is none."""
+        early = self._early[0] if self._early else math.inf
+        if self.count:
+            return min(early, self.base)
+        late = self._late_heap()
+        return min(early, late[0]) if late else early
+
+    def replace(self, value: float) -> None:
+        """Take the smallest time out and put ``value`` in (nothing when empty)."""
+        early = self._early
+        head = early[0] if early else math.inf
+        if self.count:
+            if head < self.base:
+                heapq.heapreplace(early, value)
+            else:
+                self.count -= 1
+                heapq.heappush(early, value)
+            return
+        late = self._late_heap()
+        if early and (not late or head <= late[0]):
+            heapq.heapreplace(early, value)
+        elif late:
+            heapq.heapreplace(late, value)
+
+
 class _Paper:
     """A provider's future on paper: when its slots and tokens free up."""
 
-    __slots__ = ("blocked", "latency", "limits", "slots", "tentative", "tokens")
+    __slots__ = ("blocked", "earliest", "latency", "limits", "slots", "tentative", "tokens")
 
     def __init__(self, limits: ProviderLimits, now: float) -> None:
         self.limits = limits
-        self.latency = limits.latency_s
+        self.earliest: float | None = None  # start(now), kept until the next commit
+        latency = self.latency = limits.latency_s
         self.blocked = limits.held_until
         # A learned rate no second observation backs may be far too low: it orders the
         # work but is no reason to fail a job as hopeless.
@@ -49,39 +104,46 @@ class _Paper:
         reopen = limits.circuit.reopens_at()
         if usable == 0 and reopen is not None:
             usable, self.blocked = 1, max(self.blocked, reopen)
-        # An attempt past its expected end is assumed to need as long again as it has run
-        # (at least a quarter of a service time): a hanging provider must not look almost free.
-        ends = sorted(
-            max(start + self.latency, now + max(0.25 * self.latency, now - start))
-            for start in limits.running.values()
-        )
-        free = max(0, usable - len(ends))
-        self.slots = [now] * free + ends[: max(0, usable - free)]
-        heapq.heapify(self.slots)
-        self.tokens: list[float] | None = None
+        running = limits.running
+
+        def ends() -> list[float]:
+            # An attempt past its expected end is assumed to need as long again as it has
+            # run (at least a quarter of a service time): a hanging provider must not look
+            # almost free. Only the `usable` earliest count when fewer slots are usable.
+            times = [
+                max(start + latency, now + max(0.25 * latency, now - start))
+                for start in running.values()
+            ]
+            return heapq.nsmallest(usable, times) if len(times) > usable else times
+
+        self.slots = _Times(now, max(0, usable - len(running)), [], ends)
+        self.tokens: _Times | None = None
         bucket = limits.bucket
         if bucket.rpm:
-            ready = bucket.available(now)
-            returning = bucket.return_times(now)
             first = bucket.next_free(now)  # later than now only under burst pacing
-            self.tokens = [first] * min(ready, 1024) + [max(first, t) for t in returning]
-            if limits.may_probe(now):  # only asked of providers a queued job may use
-                self.tokens.append(now)
-            heapq.heapify(self.tokens)
+
+            def returning() -> list[float]:
+                return [max(first, t) for t in bucket.return_times(now)]
+
+            # Only asked of providers a queued job may use.
+            probe = [now] if limits.may_probe(now) else []
+            self.tokens = _Times(first, min(bucket.available(now), 1024), probe, returning)
 
     def start(self, now: float, *, tokens: bool = True) -> float:
         """The earliest start on paper; ``tokens=False``: as if the rate did not bind."""
-        if not self.slots:
+        slot = self.slots.first()
+        if slot == math.inf:
             return math.inf
-        at = max(now, self.slots[0], self.blocked)
+        at = max(now, slot, self.blocked)
         if tokens and self.tokens is not None:
-            at = max(at, self.tokens[0]) if self.tokens else math.inf
+            at = max(at, self.tokens.first())
         return at
 
     def commit(self, at: float) -> None:
-        heapq.heapreplace(self.slots, at + self.latency)
-        if self.tokens is not None and self.tokens:
-            heapq.heapreplace(self.tokens, at + self.limits.bucket.window_s)
+        self.earliest = None
+        self.slots.replace(at + self.latency)
+        if self.tokens is not None:
+            self.tokens.replace(at + self.limits.bucket.window_s)
 
 
 def plan(
@@ -132,6 +194,7 @@ def plan(
             continue
         best_name, best_at, best_end = None, math.inf, math.inf
         in_time_maybe = False  # an unconfirmed learned rate alone makes it look late
+        holds = job.holds
         for name in job.candidates(per_provider):
             state = limits.get(name)
             if state is None or not state.enabled or not state.fits_today(job.prompt_tokens, now):
@@ -139,9 +202,13 @@ def plan(
             sheet = paper.get(name)
             if sheet is None:
                 sheet = paper[name] = _Paper(state, now)
-            at = max(sheet.start(now), job.holds.get(name, now))
+            at = sheet.earliest
+            if at is None:  # read again only after a commit moved it
+                at = sheet.earliest = sheet.start(now)
+            if holds:
+                at = max(at, holds.get(name, now))
             if sheet.tentative and job.deadline is not None and at > job.deadline:
-                untokened = max(sheet.start(now, tokens=False), job.holds.get(name, now))
+                untokened = max(sheet.start(now, tokens=False), holds.get(name, now))
                 in_time_maybe = in_time_maybe or untokened <= job.deadline
             end = at + sheet.latency
             if end < best_end - EPSILON:
@@ -151,7 +218,7 @@ def plan(
         if job.deadline is not None and best_at > job.deadline and not in_time_maybe:
             result.expired.append(job)
             continue
-        hold = job.holds.get(best_name)
+        hold = holds.get(best_name)
         if hold is not None and hold > now:
             wake = hold if wake is None else min(wake, hold)
         paper[best_name].commit(best_at)

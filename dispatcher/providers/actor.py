@@ -5,9 +5,14 @@ hands the job over with :meth:`ProviderActor.deliver`; the actor runs one
 attempt and reports what happened with the ``report`` callback. It never
 decides about retries: that is the scheduler's job, which sees every provider.
 
-Resource handling: ``run`` owns the aiohttp session and a task group holding
-one task per attempt. When ``run`` is cancelled or crashes, every attempt task
-reports "no outcome" on its way out, so the scheduler takes its job back.
+Resource handling: ``run`` owns the aiohttp session and a task group of
+workers, each running attempts one after another: a worker that finished an
+attempt waits, idle, for the next job instead of a new task being spawned per
+attempt (a task costs more than the rest of the attempt's own Python work). The
+pool grows to the most attempts ever in flight at once, at most the
+provider's concurrency plus a reload's slack. When ``run`` is cancelled or
+crashes, every worker reports "no outcome" for the job it holds on its way out,
+so the scheduler takes the job back.
 
 Error handling: aiohttp, OS and timeout exceptions are translated into
 :class:`~dispatcher.contract.errors.UpstreamError` in :func:`translate`, the one place
@@ -29,6 +34,7 @@ from typing import Any
 import aiohttp
 import anyio
 import structlog
+import yarl
 from anyio.abc import TaskStatus
 
 from dispatcher.contract.chat import CallAssembler
@@ -69,6 +75,22 @@ class Answer:
     ratelimit: RateLimitInfo | None
 
 
+@dataclass(slots=True)
+class _Idle:
+    """A worker waiting for its next job: ``deliver`` puts the job here and wakes it."""
+
+    wake: anyio.Event
+    job: Job | None = None
+
+
+def _headers(key: str | None) -> dict[str, str]:
+    """Every request's headers, built once per key instead of once per request."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
 @dataclass(frozen=True, slots=True)
 class NotSent:
     """The attempt ended before anything reached the upstream: stopped, or out of time."""
@@ -100,6 +122,8 @@ class ProviderActor:
         self.config = config
         self.limits = limits
         self._key = key
+        self._headers = _headers(key)
+        self._url = yarl.URL(config.url)  # parsed once, not by aiohttp on every request
         self._report = report
         self._shared = shared  # several daemons on this key: take capacity from the fleet
         self._clock = clock
@@ -110,6 +134,7 @@ class ProviderActor:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tg: anyio.abc.TaskGroup | None = None  # set while run() serves
+        self._idle: list[_Idle] = []  # workers waiting for a job, the latest idle last
 
     def __repr__(self) -> str:
         stats = self._inbox_send.statistics()
@@ -121,16 +146,22 @@ class ProviderActor:
     def reconfigure(self, config: ProviderConfig, key: str | None) -> None:
         """Take new settings (SIGHUP); attempts already running keep theirs."""
         self.config, self._key = config, key
+        self._headers, self._url = _headers(key), yarl.URL(config.url)
 
     def deliver(self, job: Job) -> bool:
         """Hand over a job whose slot and token are reserved; False if the inbox is full.
 
-        While the actor runs, the attempt starts right away in its task group (no
-        extra hop through the inbox); while it is down between a crash and its
-        restart, jobs wait in the inbox and the restarted actor takes them first.
+        While the actor runs, the attempt starts right away on an idle worker, or a
+        new one (no extra hop through the inbox); while it is down between a crash
+        and its restart, jobs wait in the inbox and the restarted actor takes them first.
         """
         if self._tg is not None:
-            self._tg.start_soon(self._attempt, job)
+            if self._idle:
+                idle = self._idle.pop()
+                idle.job = job
+                idle.wake.set()
+            else:
+                self._tg.start_soon(self._work, job)
             return True
         try:
             self._inbox_send.send_nowait(job)
@@ -159,17 +190,26 @@ class ProviderActor:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
+        # No connection cap beyond the provider's own slots; keep-alive connections are
+        # reused for aiohttp's 15 s, below the idle timeout of most servers, so a POST is
+        # never sent on a connection the server is closing (aiohttp retries no POST).
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with (
             aiohttp.ClientSession(
-                timeout=timeout, connector=connector, raise_for_status=False
+                timeout=timeout,
+                connector=connector,
+                raise_for_status=False,
+                # An API authenticates with its key: a cookie jar would only filter and
+                # store cookies on every request, and carry one job's cookies to the next.
+                cookie_jar=aiohttp.DummyCookieJar(),
             ) as session,
             anyio.create_task_group() as tg,
         ):
             self._session = session
+            self._idle.clear()  # the workers of a crashed run are gone
             while True:  # what arrived while the actor was down goes first
                 try:
-                    tg.start_soon(self._attempt, self._inbox.receive_nowait())
+                    tg.start_soon(self._work, self._inbox.receive_nowait())
                 except anyio.WouldBlock:
                     break
             self._tg = tg
@@ -178,6 +218,30 @@ class ProviderActor:
                 await anyio.sleep_forever()
             finally:
                 self._tg = None
+                self._idle.clear()
+
+    async def _work(self, job: Job) -> None:
+        """Run ``job``, then every job :meth:`deliver` hands this worker, until cancelled.
+
+        Waiting idle has no deadline: the worker lives as long as the actor. Cancelled
+        in the instant a job was handed to it, before that job started, it reports the
+        job back with no outcome, as an attempt cancelled before sending does.
+        """
+        idle = _Idle(anyio.Event())
+        while True:
+            await self._attempt(job)
+            idle.wake = anyio.Event()
+            self._idle.append(idle)
+            try:
+                await idle.wake.wait()
+            except BaseException:
+                if idle in self._idle:
+                    self._idle.remove(idle)
+                if idle.job is not None:
+                    self._report(idle.job, self.name, None)
+                raise
+            assert idle.job is not None, "deliver() sets the job before waking the worker"
+            job, idle.job = idle.job, None
 
     async def _attempt(self, job: Job) -> None:
         outcome: Outcome = None
@@ -194,8 +258,9 @@ class ProviderActor:
                 outcome = NotSent(f"{budget:.3g} s left of the job's deadline")
                 return
             # One scope: its deadline is the attempt's timeout, and cancel() stops the job.
-            # fail_after raises TimeoutError only when the deadline, not a cancel, ended it.
-            with anyio.fail_after(budget) as scope:
+            # A timeout only when the deadline, not a cancel, ended it (as fail_after does,
+            # without its generator-based context manager on every attempt).
+            with anyio.CancelScope(deadline=anyio.current_time() + budget) as scope:
                 self._scopes[job.id] = scope
                 if self._shared is not None:
                     granted = await self._acquire(job)
@@ -209,6 +274,8 @@ class ProviderActor:
                     outcome = bare(exc)
                 except (aiohttp.ClientError, OSError, wire.AnswerFormatError) as exc:
                     outcome = translate(exc)
+            if scope.cancelled_caught and anyio.current_time() >= scope.deadline:
+                outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
         except TimeoutError:
             outcome = UpstreamError("timeout", f"no answer within {budget:.3g} s")
         except Exception as exc:  # the job's failure, never the actor's crash
@@ -265,11 +332,8 @@ class ProviderActor:
             body = adapters.chat_body(
                 config.adapter, model=config.model, request=request, extra_body=config.extra_body
             )
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
         async with self._session.post(
-            config.url, data=adapters.encode_body(body), headers=headers
+            self._url, data=adapters.encode_body(body), headers=self._headers
         ) as response:
             ratelimit = rate_limit_headers(response.headers)
             if response.status != 200:
