@@ -16,7 +16,7 @@ from dispatcher.contract.errors import (
     UpstreamError,
     UpstreamFailed,
 )
-from dispatcher.contract.protocol import ChatRequest, Result, Usage
+from dispatcher.contract.protocol import ChatRequest, EmbedRequest, Result, Usage
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers.actor import Answer
 from dispatcher.providers.wire import ChatAnswer
@@ -275,3 +275,39 @@ def test_what_a_verdict_finds_is_told_to_the_fleet() -> None:
         scheduler, limits, clock(), blocked_before=0.0, learned_before=None, circuit_opened=True
     )
     assert shared.blocks == [("a", 7.0), ("a", scheduler.config.circuit.cooldown_s)]
+
+
+def test_a_deep_queue_of_one_text_embed_jobs_is_not_failed_as_hopeless() -> None:
+    """640 one-text jobs at 5 requests a minute, 32 texts a request, 7 minutes each to live:
+    their 20 requests fit in 4 minutes, so planning must not count one request per job
+    (which would put the 36th job past its deadline)."""
+    clock = FakeClock()
+    config = parse_config(
+        {
+            "providers": {
+                "e": {
+                    "url": "http://127.0.0.1:1/e",
+                    "model": "m",
+                    "kind": "embed",
+                    "rpm": 5,
+                    "concurrency": 5,
+                    "max_batch": 32,
+                    "batch_linger_ms": 1,
+                }
+            },
+            "classes": {"default": {"providers": []}},
+        }
+    )
+    scheduler, handles = _scheduler(config, clock)
+    jobs = [
+        scheduler.submit(EmbedRequest(id=f"n{n}", input=f"note {n}", timeout_s=420), client="c")
+        for n in range(640)
+    ]
+    for _ in range(3):
+        clock.advance(0.1)
+        scheduler._dispatch(clock())
+    failed = [job for job in jobs if job.outcome is not None]
+    assert failed == []
+    assert len(handles["e"].delivered) == 5  # the minute's 5 requests, 32 texts each
+    carried = [carrier.request for carrier in handles["e"].delivered]
+    assert all(isinstance(r, EmbedRequest) and len(r.input) == 32 for r in carried)

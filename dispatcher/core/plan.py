@@ -90,11 +90,21 @@ class _Times:
 class _Paper:
     """A provider's future on paper: when its slots and tokens free up."""
 
-    __slots__ = ("blocked", "earliest", "latency", "limits", "slots", "tentative", "tokens")
+    __slots__ = (
+        "blocked",
+        "earliest",
+        "latency",
+        "limits",
+        "packed",
+        "slots",
+        "tentative",
+        "tokens",
+    )
 
     def __init__(self, limits: ProviderLimits, now: float) -> None:
         self.limits = limits
         self.earliest: float | None = None  # start(now), kept until the next commit
+        self.packed = 0  # embed texts on paper in the request not yet full
         latency = self.latency = limits.latency_s
         self.blocked = limits.held_until
         # A learned rate no second observation backs may be far too low: it orders the
@@ -144,6 +154,17 @@ class _Paper:
         self.slots.replace(at + self.latency)
         if self.tokens is not None:
             self.tokens.replace(at + self.limits.bucket.window_s)
+
+    def pack(self, at: float, texts: int, now: float) -> None:
+        """An embed job's texts ride in packed requests of ``max_batch``: only a request
+        that fills takes a slot and a token on paper, so a deep queue of one-text jobs
+        looks as far away as its requests are, not as its jobs."""
+        batch = self.limits.config.max_batch
+        self.packed += texts
+        while self.packed >= batch:
+            self.commit(at)
+            self.packed -= batch
+            at = self.start(now)
 
 
 def plan(
@@ -221,7 +242,11 @@ def plan(
         hold = holds.get(best_name)
         if hold is not None and hold > now:
             wake = hold if wake is None else min(wake, hold)
-        paper[best_name].commit(best_at)
+        embed = job.embed
+        if embed is not None:
+            paper[best_name].pack(best_at, len(embed.unsent), now)
+        else:
+            paper[best_name].commit(best_at)
         if best_at <= now + EPSILON and best_name in startable:
             result.assign.append((job, best_name))
             if is_retry and retry_budget is not None:
