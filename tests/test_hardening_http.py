@@ -26,6 +26,7 @@ from anyio.abc import SocketStream
 from dispatcher import logs
 from dispatcher.contract.config import ClientConfig, ConfigError, HttpConfig, MetricsConfig
 from dispatcher.contract.protocol import Error
+from dispatcher.ingress import tokens as ingress_tokens
 from dispatcher.ingress import web as ingress_web
 from dispatcher.ingress.http_front import HttpFront
 from dispatcher.ingress.metrics import serve_metrics
@@ -193,13 +194,13 @@ def test_every_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
     """A bearer token is compared with hmac.compare_digest against every client token, even after a match."""
     loaded = tokens(alice=ALICE, bob=BOB)
     compared: list[bytes] = []
-    real = ingress_web.hmac.compare_digest
+    real = ingress_tokens.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         compared.append(b)
         return real(a, b)
 
-    monkeypatch.setattr(ingress_web.hmac, "compare_digest", spy)
+    monkeypatch.setattr(ingress_tokens.hmac, "compare_digest", spy)
     assert loaded.match(f"Bearer {ALICE}") == "alice"
     assert sorted(compared) == sorted([ALICE.encode(), BOB.encode()])
     assert loaded.match(f"Basic {ALICE}") is None

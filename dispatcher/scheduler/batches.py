@@ -24,7 +24,6 @@ token comes back and the members wait again.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING
 
 import structlog
@@ -36,7 +35,7 @@ from dispatcher.core.admission import embed_inputs
 from dispatcher.core.tokens import estimate_text
 from dispatcher.providers.actor import Answer, NotSent, Outcome
 from dispatcher.scheduler import results, verdicts
-from dispatcher.scheduler.job import Batch, EmbedWork, Job
+from dispatcher.scheduler.job import Batch, EmbedWork, Job, new_job_id
 from dispatcher.store.cache import cache_key
 from dispatcher.store.embed_cache import as_stored, text_key
 from dispatcher.store.ledger import Deny
@@ -296,7 +295,7 @@ def _carrier(
 ) -> Job:
     """The job that carries one packed request through the actor and the outcome rule."""
     deadlines = [m.deadline for m, _ in taken if m.deadline is not None]
-    carrier_id = uuid.uuid4().hex[:16]
+    carrier_id = new_job_id()
     carrier = Job(
         id=carrier_id,
         request=EmbedRequest(id=f"batch-{carrier_id}", input=decided.texts, cache=False),
