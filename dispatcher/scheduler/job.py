@@ -44,6 +44,37 @@ DEFAULT_TIMEOUT_S = 600.0
 CLASS_RANK = {"realtime": 3, "complex": 2, "default": 1, "bulk": 0, "embed": 1}
 
 
+class Signal:
+    """A one-shot event that costs an ``anyio.Event`` only once someone waits before it is
+    set: most jobs are answered before anyone waits, or are waited for by nobody, and an
+    event with its waiter queue is ~0.4 KB, a tenth of a queued job."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+        self._set = False
+
+    def __repr__(self) -> str:
+        return f"<Signal {'set' if self._set else 'unset'}>"
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if self._set:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
 @dataclass(slots=True)
 class EmbedWork:
     """An embed job's texts on their way: which are answered, which wait, which are out.
@@ -117,8 +148,8 @@ class Job:
     flight: Flight | None = None  # the shared call it leads or follows (flights.py)
     parked: bool = False  # held back by its client's rpm (clients.py)
     outcome: Result | Error | DispatcherError | None = None  # Error: replayed from the journal
-    done: anyio.Event = field(default_factory=anyio.Event)
-    persisted: anyio.Event = field(default_factory=anyio.Event)  # its journal row is committed
+    done: Signal = field(default_factory=Signal)
+    persisted: Signal = field(default_factory=Signal)  # its journal row is committed
 
     def __repr__(self) -> str:
         return (
