@@ -4,8 +4,11 @@ Resource handling: the server holds at most ``max_connections`` connections, and
 at most ``max_connections_per_uid`` of one Unix user; a connection past either
 cap gets one ``overloaded`` line saying which, and is closed. Each connection
 owns a task group holding its line writer (the one task that writes to the
-socket) and one task per request in flight, at most
-``max_in_flight_per_connection`` of them; replies waiting for the client to read
+socket), its answer task (which writes the answers of the jobs it waits for, as
+each job ends, so a queued job costs no task of its own) and one task per other
+request in flight (a detached or journaled job until it is committed, a status, a
+probe); at most ``max_in_flight_per_connection`` requests in all; replies waiting
+for the client to read
 them are bounded by ``max_reply_bytes``. When the client goes away, or is
 dropped, every job it was waiting for is cancelled upstream (detached and
 journaled jobs go on), ``CANCEL_CHUNK`` jobs at a time so other clients are
@@ -269,6 +272,8 @@ class Connection:
         self.uid = uid
         self.client = f"{uid}:{number}"
         self.jobs: dict[str, Job] = {}  # request id -> job, for cancel
+        self._answers: collections.deque[Job] = collections.deque()  # ended, not yet written
+        self._answer_ready = anyio.Event()
         self._writer = LineWriter(
             stream,
             timeout_s=WRITE_TIMEOUT_S,
@@ -293,6 +298,7 @@ class Connection:
     async def serve(self) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self._writer.run)
+            tg.start_soon(self._answer)
             with anyio.CancelScope() as self._reading:
                 if not self._closed:
                     await self._read_requests(tg)
@@ -523,7 +529,37 @@ class Connection:
             return
         if not request.detach:
             self.jobs[request.id] = job
+        if job.request is request and not request.detach and not job.durable:
+            # A job of our own that ends in memory: its answer is queued for the answer
+            # task when it ends, with no task per job (one was ~8 KB of a queued job).
+            self._in_flight += 1
+            if job.outcome is not None:  # answered already (the cache)
+                self._answered(job)
+            else:
+                job.on_finish = self._answered
+            return
         self._spawn(tg, self._follow, request, job)
+
+    def _answered(self, job: Job) -> None:
+        """A job this connection waits for has its answer: queue it for :meth:`_answer`."""
+        self._answers.append(job)
+        self._answer_ready.set()
+
+    async def _answer(self) -> None:
+        """Write the answers :meth:`_answered` queued, in the order the jobs ended."""
+        while True:
+            while self._answers:
+                job = self._answers.popleft()
+                request_id = job.request.id
+                if self.jobs.get(request_id) is job:
+                    del self.jobs[request_id]
+                try:
+                    await self.send(job.reply(request_id))
+                finally:
+                    self._in_flight -= 1
+            self._answer_ready = anyio.Event()
+            if not self._answers:
+                await self._answer_ready.wait()
 
     async def _follow_known(self, request: ChatRequest | EmbedRequest, job_id: str) -> None:
         job = await replay.resolve(self.scheduler, job_id)

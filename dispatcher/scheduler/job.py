@@ -39,6 +39,7 @@ _COUNT = itertools.count()
 def new_job_id() -> str:
     return f"{_RUN}{next(_COUNT) & 0xFFFFFFFF:08x}"
 
+
 DEFAULT_TIMEOUT_S = 600.0
 
 CLASS_RANK = {"realtime": 3, "complex": 2, "default": 1, "bulk": 0, "embed": 1}
@@ -149,6 +150,9 @@ class Job:
     parked: bool = False  # held back by its client's rpm (clients.py)
     outcome: Result | Error | DispatcherError | None = None  # Error: replayed from the journal
     done: Signal = field(default_factory=Signal)
+    # Called once with the job when its answer is delivered (set ``done``), by whoever
+    # finishes it: a connection that waits with no task of its own per job. Never raises.
+    on_finish: Callable[[Job], None] | None = None
     persisted: Signal = field(default_factory=Signal)  # its journal row is committed
 
     def __repr__(self) -> str:
@@ -227,6 +231,8 @@ class Job:
         self.state = "done" if isinstance(outcome, Result) else "failed"
         if deliver:
             self.done.set()
+            if self.on_finish is not None:
+                self.on_finish(self)
         return True
 
     def reply(self, request_id: str) -> Result | Error:
