@@ -23,9 +23,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest -q -m "not fleet"
+	$(BIN)/pytest -q
 
-# Several daemons on one Redis: flaky late in a full run until the stall is found.
+# Only the tests of several daemons sharing one Redis (they run in `make test` too).
 test-fleet: $(STAMP)
 	$(BIN)/pytest -q -m fleet
 

@@ -25,8 +25,7 @@ from dispatcher.contract.protocol import Result, Status
 from dispatcher.testing.simulator import Behaviour, FakeProvider
 from tests.helpers import Running, build_config, chat, fakes, provider_entry
 
-# Several daemons on one Redis: flaky late in a full run (a stall not yet found, see the
-# closing note of the session that added them); run with `make test-fleet`.
+# Several daemons on one Redis; `make test-fleet` runs these alone.
 pytestmark = [pytest.mark.anyio, pytest.mark.fleet]
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -36,11 +36,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import msgspec
@@ -65,6 +65,9 @@ RPM_WINDOW_S = 60.0
 STATUS_POLL_S = 0.05
 
 ProviderLimit = tuple[int, float, int]  # concurrency, mean latency (s), rpm (0 = no cap)
+
+
+R = TypeVar("R")  # a scenario's report
 
 
 class BenchError(Exception):
@@ -782,30 +785,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     scenarios: Sequence[Scenario] = SCENARIOS if args.scenario == "all" else (args.scenario,)
 
-    def progress(text: str) -> None:
-        err.print(f"[dim]{text} ...[/]")
+    progress = progress_printer(err)
 
-    with contextlib.ExitStack() as stack:
-        bench_logs(stack, args.log)
+    async def main() -> BenchReport:
+        return await run_bench(
+            config,
+            settings,
+            scenarios,
+            config_name=args.config or "built-in",
+            progress=progress,
+        )
 
-        async def main() -> BenchReport:
-            return await run_bench(
-                config,
-                settings,
-                scenarios,
-                config_name=args.config or "built-in",
-                progress=progress,
-            )
-
-        try:
-            report = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
-        except BenchError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            return 1
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    else:
-        render(report, out)
+    report = run_scenario(
+        main, log=args.log, err=err, as_json=args.json, render=lambda r: render(r, out)
+    )
+    if report is None:
+        return 1
     missed = [
         name
         for name, part in (
@@ -846,6 +841,39 @@ def render(report: BenchReport, console: Console) -> None:
     if report.fairness is not None:
         parts.append(render_fairness(report.fairness))
     print_parts(console, parts)
+
+
+def run_scenario(
+    main: Callable[[], Awaitable[R]],
+    *,
+    log: str | None,
+    err: Console,
+    as_json: bool,
+    render: Callable[[R], None],
+) -> R | None:
+    """Run a scenario's ``main`` on uvloop with the bench's log set-up, then print its
+    report as JSON or with ``render``; None (after one line saying why) on a BenchError."""
+    with contextlib.ExitStack() as stack:
+        bench_logs(stack, log)
+        try:
+            report = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+        except BenchError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            return None
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    else:
+        render(report)
+    return report
+
+
+def progress_printer(err: Console) -> Callable[[str], None]:
+    """What a scenario calls to say what it is doing, dimmed on stderr."""
+
+    def progress(text: str) -> None:
+        err.print(f"[dim]{text} ...[/]")
+
+    return progress
 
 
 def bench_logs(stack: contextlib.ExitStack, path: str | None) -> None:

@@ -26,15 +26,13 @@ has a deadline (the cap, or :data:`START_DEADLINE_S` / :data:`STATUS_DEADLINE_S`
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import math
-import random
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -45,21 +43,21 @@ from rich.console import Console
 from rich.table import Table
 
 from dispatcher.client.connection import Client
-from dispatcher.contract.config import BUILTIN_PROVIDERS, Config, parse_config
+from dispatcher.contract.config import BUILTIN_PROVIDERS
 from dispatcher.contract.protocol import Error, Result, Status
 from dispatcher.tools.bench import (
-    BenchError,
     _finite,
     _Report,
     _s,
     _status,
     _verdict,
-    bench_logs,
     print_parts,
+    progress_printer,
+    run_scenario,
 )
+from dispatcher.tools.bench_limits import KEY_ENV, in_process_daemon
 
 if TYPE_CHECKING:  # aiohttp and the daemon load only when the scenario runs
-    from dispatcher.app import Daemon
     from dispatcher.testing.simulator import Behaviour, FakeProvider
 
 EmbedScenario = Literal["embed"]
@@ -77,9 +75,6 @@ EMBED_SCENARIOS: Final[tuple[EmbedScenario, ...]] = ("embed",)
 MAKESPAN_RATIO: Final = 1.1
 WINDOW_S: Final = 60.0  # the fake's and the daemon's RPM window; not scaled
 PROVIDER: Final = "siliconflow"
-KEY: Final = "bench-embed-key-not-a-secret"
-KEY_ENV: Final = "DISPATCHER_BENCH_KEY"
-START_DEADLINE_S: Final = 20.0  # the daemon serves by then
 STATUS_DEADLINE_S: Final = 10.0  # a status request is answered by then
 PROGRESS_EVERY_S: Final = 60.0  # one progress line a window: the full run takes an hour
 VECTOR_PREFIX: Final = 4  # floats kept per answer for the check; a whole vector is 1024
@@ -236,30 +231,6 @@ def _raw_config(
     }
 
 
-@asynccontextmanager
-async def _daemon(raw: Mapping[str, Mapping[str, Any]], seed: int) -> AsyncIterator[Daemon]:
-    """An in-process daemon on ``raw``'s socket, stopped (without a drain) on the way out."""
-    from dispatcher.app import Daemon, Options
-
-    config: Config = parse_config(raw, source="bench")
-    options = Options(
-        config_path=None,
-        socket=config.daemon.socket,
-        handle_signals=False,
-        environ={KEY_ENV: KEY},
-    )
-    daemon = Daemon(config, options)
-    daemon.scheduler.rng = random.Random(seed)
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(START_DEADLINE_S):
-            await tg.start(daemon.run)
-        try:
-            yield daemon
-        finally:
-            daemon.request_stop()
-            daemon.request_stop()  # a second request skips the drain
-
-
 def _connections(settings: EmbedSettings, per_connection_limit: int) -> int:
     """Enough connections that none holds more than half the daemon's per-connection cap."""
     return max(settings.connections, math.ceil(settings.texts / max(1, per_connection_limit // 2)))
@@ -301,7 +272,7 @@ async def run_embed(
         fake, statuses = _fake(behaviour)
         async with fake:
             raw = _raw_config(fake, settings, Path(tmp) / "state", str(Path(tmp) / "d.sock"))
-            async with _daemon(raw, settings.seed) as daemon, AsyncExitStack() as stack:
+            async with in_process_daemon(raw, settings.seed) as daemon, AsyncExitStack() as stack:
                 socket_path = str(raw["daemon"]["socket"])
                 count = _connections(settings, daemon.config.daemon.max_in_flight_per_connection)
                 clients = [
@@ -480,26 +451,17 @@ def cmd_embed(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.config:
         err.print("[dim]--config is not used by embed: it builds a one-provider config[/]")
 
-    def progress(text: str) -> None:
-        err.print(f"[dim]{text} ...[/]")
+    progress = progress_printer(err)
 
-    with contextlib.ExitStack() as stack:
-        bench_logs(stack, args.log)
+    async def main() -> EmbedBenchReport:
+        report = EmbedBenchReport(seed=settings.seed, time_scale=settings.time_scale)
+        report.embed = await run_embed(settings, progress)
+        return report
 
-        async def main() -> EmbedBenchReport:
-            report = EmbedBenchReport(seed=settings.seed, time_scale=settings.time_scale)
-            report.embed = await run_embed(settings, progress)
-            return report
-
-        try:
-            report = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
-        except BenchError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            return 1
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    else:
-        render_embed_bench(report, out)
+    render = functools.partial(render_embed_bench, console=out)
+    report = run_scenario(main, log=args.log, err=err, as_json=args.json, render=render)
+    if report is None:
+        return 1
     missed = report.embed is not None and not report.embed.target_met
     if missed and not args.json:
         err.print("[yellow]target missed:[/] embed")

@@ -41,7 +41,6 @@ time, every wait has a deadline, every address is loopback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -63,7 +62,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import anyio
-import msgspec
 from rich.console import Console
 from rich.table import Table
 
@@ -77,10 +75,11 @@ from dispatcher.tools.bench import (
     _s,
     _status,
     _verdict,
-    bench_logs,
     capacity,
     percentile,
     print_parts,
+    progress_printer,
+    run_scenario,
 )
 
 if TYPE_CHECKING:  # aiohttp, redis and the daemon load only when a scenario runs
@@ -392,7 +391,9 @@ def _job(request_id: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def _daemon(raw: Mapping[str, Mapping[str, Any]], seed: int) -> AsyncIterator[Daemon]:
+async def in_process_daemon(
+    raw: Mapping[str, Mapping[str, Any]], seed: int
+) -> AsyncIterator[Daemon]:
     """An in-process daemon on ``raw``'s socket, stopped (without a drain) on the way out."""
     from dispatcher.app import Daemon, Options
 
@@ -593,7 +594,8 @@ async def _fleet(
 ) -> AsyncIterator[list[Daemon]]:
     async with AsyncExitStack() as stack:
         daemons = [
-            await stack.enter_async_context(_daemon(raw, seed + i)) for i, raw in enumerate(raws)
+            await stack.enter_async_context(in_process_daemon(raw, seed + i))
+            for i, raw in enumerate(raws)
         ]
         yield daemons
 
@@ -674,7 +676,7 @@ async def run_learn_once(settings: LimitsSettings, *, rate_headers: bool) -> Lea
                 latency_s=settings.learn_latency_s,
             )
             async with (
-                _daemon(raw, settings.seed),
+                in_process_daemon(raw, settings.seed),
                 Client.connect(str(raw["daemon"]["socket"])) as client,
             ):
 
@@ -1208,24 +1210,15 @@ def cmd_limits(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print("[dim]--config is not used by learn and fleet: they build one-key configs[/]")
     scenarios: tuple[LimitScenario, ...] = (args.scenario,)
 
-    def progress(text: str) -> None:
-        err.print(f"[dim]{text} ...[/]")
+    progress = progress_printer(err)
 
-    with contextlib.ExitStack() as stack:
-        bench_logs(stack, args.log)
+    async def main() -> LimitsBenchReport:
+        return await run_limits(settings, scenarios, progress)
 
-        async def main() -> LimitsBenchReport:
-            return await run_limits(settings, scenarios, progress)
-
-        try:
-            report = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
-        except BenchError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            return 1
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    else:
-        render_limits(report, out)
+    render = functools.partial(render_limits, console=out)
+    report = run_scenario(main, log=args.log, err=err, as_json=args.json, render=render)
+    if report is None:
+        return 1
     missed = [
         name
         for name, part in (("learn", report.learn), ("fleet", report.fleet))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -63,7 +64,14 @@ from rich.table import Table
 
 from dispatcher.client.connection import Client
 from dispatcher.contract.protocol import Result, Status
-from dispatcher.tools.bench import BenchError, _Report, _s, bench_logs, percentile
+from dispatcher.tools.bench import (
+    BenchError,
+    _Report,
+    _s,
+    percentile,
+    progress_printer,
+    run_scenario,
+)
 
 if TYPE_CHECKING:  # aiohttp and the daemon's modules load only when the scenario runs
     import aiohttp
@@ -1108,24 +1116,15 @@ def cmd_overhead(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"[red]error:[/] {exc}")
         return 2
 
-    def progress(text: str) -> None:
-        err.print(f"[dim]{text} ...[/]")
+    progress = progress_printer(err)
 
-    with contextlib.ExitStack() as stack:
-        bench_logs(stack, args.log)
+    async def main() -> OverheadReport:
+        return await run_overhead(settings, progress)
 
-        async def main() -> OverheadReport:
-            return await run_overhead(settings, progress)
-
-        try:
-            report = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
-        except BenchError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            return 1
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    else:
-        render_overhead(report, out)
+    render = functools.partial(render_overhead, console=out)
+    report = run_scenario(main, log=args.log, err=err, as_json=args.json, render=render)
+    if report is None:
+        return 1
     if not report.target_met and not args.json:
         missed = [t.figure for t in report.targets if t.met is False]
         err.print(f"[yellow]targets missed:[/] {'; '.join(missed)}")
