@@ -51,6 +51,7 @@ from dispatcher.scheduler.loop import Scheduler
 from dispatcher.store.embed_cache import EmbedCache
 from dispatcher.store.journal import Journal
 from dispatcher.store.local_ledger import LocalLedger
+from dispatcher.store.redis_cache import RedisCache
 from dispatcher.store.usage import UsageStore
 
 if TYPE_CHECKING:  # the fakes load only under --simulate; the fronts only when configured
@@ -127,6 +128,7 @@ class Daemon:
                     await self._open_ledger(stack, tg)
                     await self._open_embed_cache(stack, tg)
                     await self._open_usage(stack, tg)
+                    await self._start_shared_cache(tg)
                     if self.config.journal.enabled:
                         await self._open_journal(stack, tg)
                     inherited = systemd.listen_fds()
@@ -174,12 +176,6 @@ class Daemon:
         or when its files are open to other users."""
         for warning in insecure_files(self.options.config_path, self.config, self.options.environ):
             log.warning("config.insecure", problem=warning)
-        if self.config.cache.redis_url:
-            log.warning(
-                "config.redis_cache_ignored",
-                detail="this version keeps the response cache per host; [cache] redis_url "
-                "is accepted but not used",
-            )
 
     async def _start_shared_ledger(self, tg: TaskGroup) -> None:
         """With [cluster] redis_url, take every token and slot from the fleet's ledger.
@@ -280,6 +276,19 @@ class Daemon:
         stack.callback(cache.close)
         self.scheduler.embed_cache = cache
         await tg.start(cache.run)
+
+    async def _start_shared_cache(self, tg: TaskGroup) -> None:
+        """[cache] redis_url: answers and vectors shared with the other hosts, behind ours."""
+        cache = self.config.cache
+        if cache.redis_url:
+            shared = RedisCache(
+                cache.redis_url,
+                key_prefix=self.config.cluster.key_prefix,
+                ttl_s=cache.ttl_s,
+                embed_ttl_s=cache.embed_ttl_s,
+            )
+            await tg.start(shared.run)
+            self.scheduler.shared_cache = shared
 
     async def _open_usage(self, stack: AsyncExitStack, tg: TaskGroup) -> None:
         """Open the usage aggregates, so today's spend per client holds across restarts.

@@ -121,6 +121,8 @@ class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     embed_max_bytes: Positive = 1024 * 1024 * 1024
     # Identical cacheable chat requests in flight at once share one upstream call.
     coalesce: bool = True
+    # With redis_url: how long a vector stays in the shared cache (answers: ttl_s).
+    embed_ttl_s: Seconds = 30 * 86_400.0
 
 
 class ClusterConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

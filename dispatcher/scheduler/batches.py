@@ -103,25 +103,40 @@ def accept(scheduler: Scheduler, job: Job) -> Result | None:
         model=model,
     )
     job.embed = work
+    work.unsent = list(range(len(texts)))
     if keys is not None:
         known = scheduler.embed_cache.get(keys)
-        for index, key in enumerate(keys):
-            vector = known.get(key)
-            if vector is not None:
-                work.vectors[index] = vector
-                work.cached += 1
-        if work.cached:
-            same = tuple(p for p in job.eligible if scheduler.config.providers[p].model == model)
-            job.eligible = same
-            if job.pick is not None and job.pick not in same:
-                job.pick = None
-    work.unsent = [i for i, vector in enumerate(work.vectors) if vector is None]
+        take_vectors(scheduler, job, {i: known[key] for i, key in enumerate(keys) if key in known})
     if keys is not None and scheduler.config.cache.coalesce:
         _await_in_flight(scheduler, job, work, keys)
-    if not work.unsent and not work.in_flight:
-        work.provider = job.eligible[0] if job.eligible else ""
-        return _result(scheduler, job)
-    return None
+    return answered(scheduler, job)
+
+
+def take_vectors(scheduler: Scheduler, job: Job, found: dict[int, list[float]]) -> None:
+    """Cached vectors for some of a job's unsent texts (by index); from then on the job
+    keeps to the model they came from."""
+    work = job.embed
+    assert work is not None
+    if not found:
+        return
+    for index, vector in found.items():
+        work.vectors[index] = vector
+    work.cached += len(found)
+    work.unsent = [i for i in work.unsent if i not in found]
+    same = tuple(p for p in job.eligible if scheduler.config.providers[p].model == work.model)
+    job.eligible = same
+    if job.pick is not None and job.pick not in same:
+        job.pick = None
+
+
+def answered(scheduler: Scheduler, job: Job) -> Result | None:
+    """The whole result of an embed job none of whose texts is left to send or await."""
+    work = job.embed
+    assert work is not None
+    if work.unsent or work.in_flight:
+        return None
+    work.provider = work.provider or (job.eligible[0] if job.eligible else "")
+    return _result(scheduler, job)
 
 
 def _await_in_flight(scheduler: Scheduler, job: Job, work: EmbedWork, keys: list[bytes]) -> None:
@@ -360,6 +375,8 @@ def _deliver(scheduler: Scheduler, carrier: Job, provider: str, answer: Answer) 
             if work.keys is not None:
                 vector = got[work.keys[index]] = as_stored(vector)
                 scheduler.embed_cache.put(work.keys[index], vector)
+                if scheduler.shared_cache is not None:
+                    scheduler.shared_cache.put_vector(work.keys[index], vector)
             work.vectors[index] = vector
         # The request's usage split by each member's share of texts, cumulatively rounded
         # so the shares add up to what the provider billed, to the token.

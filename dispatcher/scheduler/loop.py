@@ -46,7 +46,16 @@ from dispatcher.core.plan import EXPIRY_SCAN, plan
 from dispatcher.core.provider_state import ProviderLimits
 from dispatcher.providers import adapters
 from dispatcher.providers.actor import Outcome
-from dispatcher.scheduler import batches, clients, flights, hedges, starts, status, verdicts
+from dispatcher.scheduler import (
+    batches,
+    clients,
+    flights,
+    hedges,
+    remote,
+    starts,
+    status,
+    verdicts,
+)
 from dispatcher.scheduler.handles import Observer, ProviderHandle
 from dispatcher.scheduler.history import History
 from dispatcher.scheduler.job import ChunkSink, Job
@@ -56,6 +65,7 @@ from dispatcher.store.embed_cache import EmbedCache
 from dispatcher.store.journal import Journal
 from dispatcher.store.ledger import SharedLedger
 from dispatcher.store.local_ledger import LocalLedger
+from dispatcher.store.redis_cache import RedisCache
 
 log = structlog.get_logger("dispatcher.scheduler")
 
@@ -87,6 +97,7 @@ class Scheduler:
         self.cache = ResponseCache(ttl_s=config.cache.ttl_s, max_bytes=config.cache.max_bytes)
         # Per-text vectors; the daemon opens it in state_dir (unopened: nothing is kept).
         self.embed_cache = EmbedCache(None, max_bytes=config.cache.embed_max_bytes)
+        self.shared_cache: RedisCache | None = None  # [cache] redis_url: other hosts' answers
         self.journal: Journal | None = None
         self.ledger: LocalLedger | None = None
         self.shared: SharedLedger | None = None  # several daemons on the same keys
@@ -190,10 +201,16 @@ class Scheduler:
             self.finish(job, answered)
             return job
         self.timers.add_deadline(job)
+        if not remote.look_up(self, job):
+            self.enqueue(job, now)
+        return job
+
+    def enqueue(self, job: Job, now: float) -> None:
+        """Queue a job no cache answered, unless it rides with an identical one or its
+        client's minute is full."""
         if not self.flights.join(self, job) and self.budgets.admit(self, job, now):
             self.queue.push(job)
             self._dispatch_now(now)
-        return job
 
     def cancel(self, job: Job, reason: DispatcherError | None = None) -> None:
         """Stop a job wherever it is; it gets ``reason`` (default: cancelled) as its answer."""

@@ -68,6 +68,7 @@ def cache_status(scheduler: Scheduler) -> CacheStatus:
         kinds={
             "chat": CacheHits(hits=answers.hits, misses=answers.misses),
             "embed": CacheHits(hits=texts.hits, misses=texts.misses),
+            **_shared_hits(scheduler),
         },
         embed_texts=texts.texts,
         embed_bytes=texts.held_bytes,
@@ -75,6 +76,14 @@ def cache_status(scheduler: Scheduler) -> CacheStatus:
         texts_per_request=round(scheduler.embed_texts_sent / requests, 2) if requests else 0.0,
         coalesced=scheduler.flights.coalesced,
     )
+
+
+def _shared_hits(scheduler: Scheduler) -> dict[str, CacheHits]:
+    """The Redis tier's lookups (keys found and not), when there is one."""
+    shared = scheduler.shared_cache
+    if shared is None:
+        return {}
+    return {"shared": CacheHits(hits=shared.hits, misses=shared.misses)}
 
 
 def rss_bytes() -> int | None:

@@ -35,6 +35,8 @@ def after_outcome(
             result = results.build(job, provider, limits, outcome, now)
             if job.cache_key is not None:
                 scheduler.cache.put(job.cache_key, result)
+                if scheduler.shared_cache is not None:  # and for the other hosts
+                    scheduler.shared_cache.put_answer(job.cache_key, result)
             scheduler.finish(job, result)
         case outcomes.Requeue():
             scheduler.requeue(job)

@@ -1,0 +1,145 @@
+"""Answers shared across hosts through Redis ([cache] redis_url), behind the local caches.
+
+Two daemons on the Redis at 127.0.0.1:6379, each test under its own key prefix: what
+one daemon got from upstream, the other answers without an upstream call; a Redis
+that is not there is a miss, never a failure or a hang.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis
+
+from dispatcher.contract.config import Config
+from dispatcher.contract.protocol import Result, Status
+from dispatcher.testing.simulator import Behaviour
+from tests.helpers import build_config, chat, fakes, provider_entry, until
+
+pytestmark = pytest.mark.anyio
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+NOBODY_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    name = f"test-cache-{uuid.uuid4().hex[:8]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(f"{name}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def _stored(prefix: str, kind: str) -> int:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return len(list(client.scan_iter(f"{prefix}:{kind}:*")))
+    finally:
+        client.close()
+
+
+def _config(providers: dict[str, Any], tmp: Path, name: str, prefix: str, url: str) -> Config:
+    return build_config(
+        providers,
+        daemon={"state_dir": str(tmp / name)},
+        cache={"redis_url": url},
+        cluster={"key_prefix": prefix},
+    )
+
+
+async def test_an_answer_one_host_got_is_the_others_without_an_upstream_call(
+    start_daemon: Any, tmp_path: Path, prefix: str
+) -> None:
+    """A deterministic chat answered on d1 comes back cached on d2; the fake saw it once."""
+    async with fakes(a=Behaviour(name="a")) as f:
+        providers = {"a": provider_entry(f["a"])}
+        request = chat("what is shared", temperature=0, max_tokens=30)
+        async with (
+            start_daemon(
+                _config(providers, tmp_path, "d1", prefix, REDIS_URL),
+                socket=str(tmp_path / "1.sock"),
+            ) as d1,
+            d1.client() as client,
+        ):
+            first = await client.call(request)
+            await until(lambda: _stored(prefix, "answer") == 1)
+        async with (
+            start_daemon(
+                _config(providers, tmp_path, "d2", prefix, REDIS_URL),
+                socket=str(tmp_path / "2.sock"),
+            ) as d2,
+            d2.client() as client,
+        ):
+            again = await client.call(request)
+            status = await client.call({"op": "status"})
+    assert isinstance(first, Result)
+    assert isinstance(again, Result)
+    assert not first.cached
+    assert again.cached
+    assert again.content == first.content
+    assert f["a"].stats.requests == 1
+    assert isinstance(status, Status)
+    assert status.cache is not None
+    assert status.cache.kinds["shared"].hits == 1
+
+
+async def test_embedding_texts_another_host_knows_are_not_sent_again(
+    start_daemon: Any, tmp_path: Path, prefix: str
+) -> None:
+    """d1 embedded two texts; d2, asked for three, sends only the third upstream."""
+    async with fakes(e=Behaviour(name="e", kind="embed", embed_dims=8)) as f:
+        providers = {"e": provider_entry(f["e"])}
+        async with (
+            start_daemon(
+                _config(providers, tmp_path, "d1", prefix, REDIS_URL),
+                socket=str(tmp_path / "1.sock"),
+            ) as d1,
+            d1.client() as client,
+        ):
+            first = await client.call({"op": "embed", "input": ["alpha", "beta"]})
+            await until(lambda: _stored(prefix, "vector") == 2)
+        async with (
+            start_daemon(
+                _config(providers, tmp_path, "d2", prefix, REDIS_URL),
+                socket=str(tmp_path / "2.sock"),
+            ) as d2,
+            d2.client() as client,
+        ):
+            second = await client.call({"op": "embed", "input": ["beta", "gamma", "alpha"]})
+    assert isinstance(first, Result)
+    assert isinstance(second, Result)
+    assert first.embeddings is not None
+    assert second.embeddings is not None
+    assert second.cached_texts == 2
+    assert second.embeddings[0] == first.embeddings[1]
+    assert second.embeddings[2] == first.embeddings[0]
+    assert f["e"].stats.texts == 3  # alpha, beta; then gamma alone
+
+
+async def test_an_unreachable_redis_is_a_miss_not_a_failure(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """With nothing listening at redis_url, jobs are answered from upstream, promptly."""
+    async with fakes(a=Behaviour(name="a"), e=Behaviour(name="e", kind="embed")) as f:
+        providers = {"a": provider_entry(f["a"]), "e": provider_entry(f["e"])}
+        config = _config(providers, tmp_path, "d", "unused", NOBODY_URL)
+        async with start_daemon(config) as running, running.client() as client:
+            with anyio.fail_after(10):
+                replies = [
+                    await client.call(chat("no redis", temperature=0)),
+                    await client.call(chat("no redis", temperature=0)),  # the local cache
+                    await client.call({"op": "embed", "input": ["x", "y"]}),
+                ]
+    assert all(isinstance(r, Result) for r in replies), replies
+    assert [getattr(r, "cached", None) for r in replies] == [False, True, False]
+    assert f["a"].stats.requests == 1
