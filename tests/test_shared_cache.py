@@ -57,6 +57,12 @@ def _config(providers: dict[str, Any], tmp: Path, name: str, prefix: str, url: s
     )
 
 
+def _host(start_daemon: Any, providers: dict[str, Any], tmp: Path, name: str, prefix: str) -> Any:
+    """One daemon ("host") of the two, on its own socket and state_dir."""
+    config = _config(providers, tmp, name, prefix, REDIS_URL)
+    return start_daemon(config, socket=str(tmp / f"{name}.sock"))
+
+
 async def test_an_answer_one_host_got_is_the_others_without_an_upstream_call(
     start_daemon: Any, tmp_path: Path, prefix: str
 ) -> None:
@@ -65,19 +71,13 @@ async def test_an_answer_one_host_got_is_the_others_without_an_upstream_call(
         providers = {"a": provider_entry(f["a"])}
         request = chat("what is shared", temperature=0, max_tokens=30)
         async with (
-            start_daemon(
-                _config(providers, tmp_path, "d1", prefix, REDIS_URL),
-                socket=str(tmp_path / "1.sock"),
-            ) as d1,
+            _host(start_daemon, providers, tmp_path, "d1", prefix) as d1,
             d1.client() as client,
         ):
             first = await client.call(request)
             await until(lambda: _stored(prefix, "answer") == 1)
         async with (
-            start_daemon(
-                _config(providers, tmp_path, "d2", prefix, REDIS_URL),
-                socket=str(tmp_path / "2.sock"),
-            ) as d2,
+            _host(start_daemon, providers, tmp_path, "d2", prefix) as d2,
             d2.client() as client,
         ):
             again = await client.call(request)
@@ -100,19 +100,13 @@ async def test_embedding_texts_another_host_knows_are_not_sent_again(
     async with fakes(e=Behaviour(name="e", kind="embed", embed_dims=8)) as f:
         providers = {"e": provider_entry(f["e"])}
         async with (
-            start_daemon(
-                _config(providers, tmp_path, "d1", prefix, REDIS_URL),
-                socket=str(tmp_path / "1.sock"),
-            ) as d1,
+            _host(start_daemon, providers, tmp_path, "d1", prefix) as d1,
             d1.client() as client,
         ):
             first = await client.call({"op": "embed", "input": ["alpha", "beta"]})
             await until(lambda: _stored(prefix, "vector") == 2)
         async with (
-            start_daemon(
-                _config(providers, tmp_path, "d2", prefix, REDIS_URL),
-                socket=str(tmp_path / "2.sock"),
-            ) as d2,
+            _host(start_daemon, providers, tmp_path, "d2", prefix) as d2,
             d2.client() as client,
         ):
             second = await client.call({"op": "embed", "input": ["beta", "gamma", "alpha"]})
