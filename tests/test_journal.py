@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,31 @@ def test_digest_ignores_id_key_and_detach() -> None:
     c = msgspec.structs.replace(a, temperature=0.5)
     assert request_digest(a) == request_digest(b)
     assert request_digest(a) != request_digest(c)
+
+
+async def test_a_named_clients_job_is_still_its_after_a_replay(tmp_path: Path) -> None:
+    """The journal keeps "client:NAME" (not the connection), and a journal written before
+    the column existed opens with it added."""
+    old = sqlite3.connect(tmp_path / "old.sqlite3")
+    old.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, uid INTEGER NOT NULL, key TEXT,"
+        " digest TEXT NOT NULL, request BLOB NOT NULL, state TEXT NOT NULL, outcome BLOB,"
+        " accepted_at REAL NOT NULL, finished_at REAL);"
+    )
+    old.close()
+    journal = Journal(tmp_path / "old.sqlite3")
+    journal.open()
+    try:
+        named, plain = _job(1), _job(2)
+        named.client = "client:alice"
+        plain.client = "0:7"  # a connection's fairness key: not an identity to keep
+        async with anyio.create_task_group() as tg:
+            await tg.start(journal.run)
+            with anyio.fail_after(10):
+                await journal.accept(named)
+                await journal.accept(plain)
+            tg.cancel_scope.cancel()
+        kept = {stored.id: stored.client for stored in journal.unfinished()}
+    finally:
+        journal.close()
+    assert kept == {named.id: "client:alice", plain.id: None}

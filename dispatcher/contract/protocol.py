@@ -223,6 +223,7 @@ class RecentJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     provider: str | None = None
     latency_ms: float | None = None
     attempts: int = 0
+    client: str | None = None  # whose job: "client:NAME" or "uid:N"
 
 
 class Status(_Reply, tag="status"):

@@ -44,6 +44,7 @@ class History:
                 provider=outcome.provider if isinstance(outcome, Result) else None,
                 latency_ms=outcome.latency_ms if isinstance(outcome, Result) else None,
                 attempts=job.attempts,
+                client=job.owner,
             )
         )
         if isinstance(outcome, Result):

@@ -32,12 +32,16 @@ def restore(scheduler: Scheduler, stored: StoredJob) -> None:
             refusal=adapters.refusals(scheduler.config.providers),
         )
     except DispatcherError as exc:
-        job = rebuild(scheduler, stored, client="replay")
+        job = rebuild(scheduler, stored, client=stored.client or "replay")
         scheduler.active[job.id] = job
         scheduler.finish(job, exc)
         return
     job = scheduler.accept(
-        stored.request, admitted, client=f"{stored.uid}:replay", uid=stored.uid, job_id=stored.id
+        stored.request,
+        admitted,
+        client=stored.client or f"{stored.uid}:replay",
+        uid=stored.uid,
+        job_id=stored.id,
     )
     job.durable = True
     job.persisted.set()
@@ -67,6 +71,6 @@ async def resolve(scheduler: Scheduler, job_id: str) -> Job | None:
     stored = await anyio.to_thread.run_sync(journal.lookup, job_id)
     if stored is None or stored.outcome is None:
         return None
-    job = rebuild(scheduler, stored, client="journal")
+    job = rebuild(scheduler, stored, client=stored.client or "journal")
     job.finish(stored.outcome)
     return job

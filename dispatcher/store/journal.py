@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state       TEXT NOT NULL,          -- accepted | done | failed
     outcome     BLOB,
     accepted_at REAL NOT NULL,          -- epoch seconds
-    finished_at REAL
+    finished_at REAL,
+    client      TEXT                    -- "client:NAME" when a [clients] entry sent it
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs(uid, key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(state) WHERE state = 'accepted';
@@ -73,17 +74,17 @@ class StoredJob(msgspec.Struct, frozen=True, kw_only=True):
     request: JobRequest
     state: str
     outcome: Result | Error | None
+    client: str | None = None  # the named client that sent it, so a replay is still its job
 
 
-_ACCEPT = (
-    "INSERT INTO jobs (id, uid, key, digest, request, state, outcome, accepted_at, finished_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING"
-)
+_COLUMNS = "id, uid, key, digest, request, state, outcome, accepted_at, finished_at, client"
+_VALUES = "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ACCEPT = f"INSERT INTO jobs ({_COLUMNS}) {_VALUES} ON CONFLICT(id) DO NOTHING"
 # An upsert: an answer found at once (a cache hit) may reach the writer before its
 # accept did; that later accept then does nothing.
 _FINISH = (
-    "INSERT INTO jobs (id, uid, key, digest, request, state, outcome, accepted_at, finished_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state,"
+    f"INSERT INTO jobs ({_COLUMNS}) {_VALUES}"
+    " ON CONFLICT(id) DO UPDATE SET state = excluded.state,"
     " outcome = excluded.outcome, finished_at = excluded.finished_at, key = excluded.key"
 )
 
@@ -98,7 +99,8 @@ def _row(job: Job, now: float) -> tuple[object, ...]:
         blob, finished = _encoder.encode(job.reply(job.request.id)), now
     key = None if job.key_released else job.request.key
     request = _encoder.encode(job.request)
-    return (job.id, job.uid, key, job.digest, request, state, blob, now, finished)
+    client = job.client if job.client.startswith("client:") else None
+    return (job.id, job.uid, key, job.digest, request, state, blob, now, finished, client)
 
 
 @dataclass(slots=True)
@@ -142,6 +144,9 @@ class Journal:
         db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "client" not in columns:  # a journal written before clients were kept
+            db.execute("ALTER TABLE jobs ADD COLUMN client TEXT")
         self._db = db
         with contextlib.suppress(OSError):
             self.path.chmod(0o600)  # requests may be private; only the daemon reads them
@@ -256,7 +261,7 @@ class Journal:
         db = self._require_db()
         with self._lock:
             rows = db.execute(
-                f"SELECT id, uid, key, digest, request, state, outcome FROM jobs {where}",
+                f"SELECT id, uid, key, digest, request, state, outcome, client FROM jobs {where}",
                 args,
             ).fetchall()
         return [
@@ -268,6 +273,7 @@ class Journal:
                 request=_request_decoder.decode(row[4]),
                 state=row[5],
                 outcome=_outcome_decoder.decode(row[6]) if row[6] is not None else None,
+                client=row[7],
             )
             for row in rows
         ]
