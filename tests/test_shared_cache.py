@@ -7,6 +7,7 @@ that is not there is a miss, never a failure or a hang.
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ import redis
 
 from dispatcher.contract.config import Config
 from dispatcher.contract.protocol import Result, Status
+from dispatcher.store.redis_cache import RedisCache
 from dispatcher.testing.simulator import Behaviour
 from tests.helpers import build_config, chat, fakes, provider_entry, until
+from tests.test_redis_ledger import _free_port, _start_redis, _stop_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -137,3 +140,42 @@ async def test_an_unreachable_redis_is_a_miss_not_a_failure(
     assert all(isinstance(r, Result) for r in replies), replies
     assert [getattr(r, "cached", None) for r in replies] == [False, True, False]
     assert f["a"].stats.requests == 1
+
+
+async def test_a_frozen_redis_is_a_miss_within_the_deadline(tmp_path: Path) -> None:
+    """A Redis that stops answering (SIGSTOP) makes a lookup a miss by its deadline, not a
+    hang; lookups then skip Redis for a while; once it answers, answers are found again."""
+    port = _free_port()
+    server = await _start_redis(port, tmp_path)
+    cache = RedisCache(f"redis://127.0.0.1:{port}/0", key_prefix="frozen", timeout_s=0.1)
+    answer = Result(id="r", job="j", provider="a", model="m", class_="default", content="hi")
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(cache.run)
+            cache.put_answer("k", answer)
+            key = cache.answer_key("k")
+            await until(lambda: _stored_at(port, key))
+            found = await cache.lookup([key])
+            assert cache.answer(found[key]) == answer
+            server.send_signal(signal.SIGSTOP)
+            try:
+                with anyio.fail_after(5):  # a miss at the deadline, far sooner than this
+                    assert await cache.lookup([key]) == {}
+                assert cache.mode == "unavailable"
+                assert await cache.lookup([key]) == {}  # skipped: Redis is not asked
+            finally:
+                server.send_signal(signal.SIGCONT)
+            await until(lambda: anyio.current_time() > cache.paused_until, timeout_s=5)
+            assert key in await cache.lookup([key])
+            assert cache.mode == "shared"
+            tg.cancel_scope.cancel()
+    finally:
+        await _stop_redis(server)
+
+
+def _stored_at(port: int, key: str) -> bool:
+    client = redis.Redis(port=port)
+    try:
+        return bool(client.exists(key))
+    finally:
+        client.close()

@@ -88,6 +88,11 @@ class RedisCache:
     def __repr__(self) -> str:
         return f"<RedisCache {self.mode} pending {len(self._pending)} hits {self.hits}>"
 
+    @property
+    def paused_until(self) -> float:
+        """The anyio time until which lookups skip Redis after a failure."""
+        return self._retry_at
+
     # -- keys --------------------------------------------------------------------------
 
     def answer_key(self, cache_key: str) -> str:
