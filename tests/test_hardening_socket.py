@@ -15,10 +15,12 @@ import anyio
 import pytest
 from anyio.abc import ByteSendStream, SocketListener, SocketStream
 
+from dispatcher.client.connection import ConnectionLost
 from dispatcher.contract.protocol import (
     MIN_TIMEOUT_S,
     ChatRequest,
     HealthRequest,
+    Pong,
     RequestDecoder,
     RequestError,
 )
@@ -442,3 +444,18 @@ async def test_undecodable_lines_on_the_wire_get_id_or_line_number(start_daemon:
     ]
     assert "id" not in replies[2]
     assert replies[2]["message"].startswith("line 4 of this connection")
+
+
+async def test_a_request_on_a_connection_the_daemon_closed_fails_at_once(
+    start_daemon: Any,
+) -> None:
+    """An idle connection closed by the daemon (idle_timeout_s) gives the next request a
+    ConnectionLost, not a wait for a reply that cannot come."""
+    async with fakes(a=Behaviour(name="a")) as f:
+        config = build_config({"a": provider_entry(f["a"])}, daemon={"idle_timeout_s": 0.3})
+        async with start_daemon(config) as running, running.client() as client:
+            await until(lambda: client.closed)
+            with anyio.fail_after(5), pytest.raises(ConnectionLost):
+                await client.call({"op": "ping"})
+            async with running.client() as fresh:
+                assert isinstance(await fresh.call({"op": "ping"}), Pong)

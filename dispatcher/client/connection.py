@@ -190,6 +190,9 @@ class Client:
         self._waiting[request_id] = send
         detached = bool(body.get("detach")) or body.get("op") == "cancel"
         try:
+            if self.closed:  # the reader is gone (the daemon closed an idle connection): no
+                # reply could ever reach this request, so say so instead of waiting
+                raise ConnectionLost("the daemon closed this connection; connect again")
             await self.send(body)
             async with receive:
                 async for reply in receive:

@@ -279,12 +279,14 @@ async def run_embed(
                     await stack.enter_async_context(Client.connect(socket_path))
                     for _ in range(count)
                 ]
-                watcher = await stack.enter_async_context(Client.connect(socket_path))
                 started, hit_cap = await _submit_all(
                     settings, clients, tally, timeout_s, cap_s, progress
                 )
+                # A connection of its own, opened now: one opened at the start would have
+                # sat idle past the daemon's idle_timeout_s (an hour) in a full-size run.
                 with anyio.fail_after(STATUS_DEADLINE_S):
-                    status = await _status(watcher)
+                    async with Client.connect(socket_path) as watcher:
+                        status = await _status(watcher)
         stats = fake.stats
     ended = time.monotonic() if hit_cap else tally.last_answer
     makespan = max(0.0, ended - started)
