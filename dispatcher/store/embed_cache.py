@@ -68,14 +68,15 @@ def text_key(model: str, owner: str | None, text: str) -> bytes:
 def as_stored(vector: Sequence[float]) -> list[float]:
     """``vector`` as the cache gives it back (float32 precision): a job answered in part from
     the cache and in part upstream gets the same numbers either way."""
-    return _unpack(_pack(vector))
+    return unpack_vector(pack_vector(vector))
 
 
-def _pack(vector: Sequence[float]) -> bytes:
+def pack_vector(vector: Sequence[float]) -> bytes:
+    """A vector as float32 bytes, as both the embedding caches store it."""
     return array("f", vector).tobytes()
 
 
-def _unpack(blob: bytes) -> list[float]:
+def unpack_vector(blob: bytes) -> list[float]:
     values = array("f")
     values.frombytes(blob)
     return values.tolist()
@@ -163,7 +164,7 @@ class EmbedCache:
         for key in dict.fromkeys(keys):
             blob = self._puts.get(key)
             if blob is not None:
-                found[key] = _unpack(blob)
+                found[key] = unpack_vector(blob)
             else:
                 wanted.append(key)
         if wanted and self._db is not None:
@@ -177,7 +178,7 @@ class EmbedCache:
                             chunk,
                         )
                         for key, blob in rows:
-                            found[key] = _unpack(blob)
+                            found[key] = unpack_vector(blob)
             except sqlite3.Error as exc:
                 log.error("embed_cache.read_failed", error=str(exc))
         now = self._wall()
@@ -189,7 +190,7 @@ class EmbedCache:
         return found
 
     def put(self, key: bytes, vector: Sequence[float]) -> None:
-        blob = _pack(vector)
+        blob = pack_vector(vector)
         if len(blob) <= self.max_bytes:
             self._puts[key] = blob
 

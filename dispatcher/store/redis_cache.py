@@ -23,7 +23,6 @@ once; ``mode`` says whether the last call reached Redis.
 from __future__ import annotations
 
 import contextlib
-from array import array
 from collections.abc import Sequence
 from typing import Literal
 
@@ -37,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from dispatcher.contract.protocol import Result
+from dispatcher.store.embed_cache import pack_vector, unpack_vector
 
 log = structlog.get_logger("dispatcher.redis_cache")
 
@@ -47,16 +47,6 @@ _UNAVAILABLE = (RedisError, OSError, TimeoutError)
 
 _result_decoder = msgspec.json.Decoder(Result)
 _encoder = msgspec.json.Encoder()
-
-
-def _pack(vector: Sequence[float]) -> bytes:
-    return array("f", vector).tobytes()
-
-
-def _unpack(blob: bytes) -> list[float]:
-    floats = array("f")
-    floats.frombytes(blob)
-    return floats.tolist()
 
 
 class RedisCache:
@@ -161,7 +151,7 @@ class RedisCache:
         self._put(self.answer_key(cache_key), _encoder.encode(result), self._ttl_ms)
 
     def put_vector(self, text_key: bytes, vector: Sequence[float]) -> None:
-        self._put(self.vector_key(text_key), _pack(vector), self._embed_ttl_ms)
+        self._put(self.vector_key(text_key), pack_vector(vector), self._embed_ttl_ms)
 
     @staticmethod
     def answer(value: bytes) -> Result | None:
@@ -173,7 +163,7 @@ class RedisCache:
     def vector(value: bytes) -> list[float] | None:
         if len(value) % 4:
             return None
-        return _unpack(value)
+        return unpack_vector(value)
 
     # -- inside ----------------------------------------------------------------------
 
