@@ -14,7 +14,7 @@ import pytest
 
 from dispatcher.client.connection import Client
 from dispatcher.contract.protocol import Chunk, Error, Reply, Result, Status
-from dispatcher.testing.simulator import Behaviour
+from dispatcher.testing.simulator import Behaviour, ProviderStats
 from tests.helpers import build_config, chat, fakes, provider_entry, until
 
 pytestmark = pytest.mark.anyio
@@ -111,8 +111,11 @@ async def test_a_late_joiner_of_a_stream_gets_every_chunk_from_the_first(
     assert "".join(c.delta for c in late_chunks) == joiner[-1].content
 
 
-async def test_a_cancelled_follower_leaves_the_leaders_call_alone(start_daemon: Any) -> None:
-    """Cancelling one follower answers it ``cancelled``; the call goes on for the rest."""
+async def _cancel_one(
+    start_daemon: Any, followers: tuple[str, ...], target: str
+) -> tuple[dict[str, Reply], ProviderStats]:
+    """A leader "lead" in flight, ``followers`` joining it, then ``target`` cancelled: every
+    reply by request id, and the fake's counts."""
     async with fakes(a=Behaviour(name="a", latency_s=1.0)) as f:
         config = build_config({"a": provider_entry(f["a"], latency_s=1.0)})
         async with start_daemon(config) as running, running.client() as client:
@@ -125,44 +128,35 @@ async def test_a_cancelled_follower_leaves_the_leaders_call_alone(start_daemon: 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(one, "lead")
                     await f["a"].wait_until(lambda s: s.in_flight == 1)
-                    tg.start_soon(one, "stays")
-                    tg.start_soon(one, "leaves")
-                    await client.call({"op": "ping"})  # both have been read and joined
-                    await client.call({"op": "cancel", "target": "leaves"})
+                    for name in followers:
+                        tg.start_soon(one, name)
+                    await client.call({"op": "ping"})  # the followers have been read and joined
+                    await client.call({"op": "cancel", "target": target})
+    return replies, f["a"].stats
+
+
+async def test_a_cancelled_follower_leaves_the_leaders_call_alone(start_daemon: Any) -> None:
+    """Cancelling one follower answers it ``cancelled``; the call goes on for the rest."""
+    replies, stats = await _cancel_one(start_daemon, ("stays", "leaves"), "leaves")
     assert isinstance(replies["leaves"], Error)
     assert replies["leaves"].code == "cancelled"
     assert isinstance(replies["lead"], Result)
     assert isinstance(replies["stays"], Result)
-    assert f["a"].stats.requests == 1
-    assert f["a"].stats.dropped == 0
+    assert stats.requests == 1
+    assert stats.dropped == 0
 
 
 async def test_a_cancelled_leader_leaves_its_followers_a_call_of_their_own(
     start_daemon: Any,
 ) -> None:
     """The leader's own end (cancelled) is not its followers': they are answered anyway."""
-    async with fakes(a=Behaviour(name="a", latency_s=1.0)) as f:
-        config = build_config({"a": provider_entry(f["a"], latency_s=1.0)})
-        async with start_daemon(config) as running, running.client() as client:
-            replies: dict[str, Reply] = {}
-
-            async def one(request_id: str) -> None:
-                replies[request_id] = await client.call(chat("q", id=request_id, **SAME))
-
-            with anyio.fail_after(WAIT_S):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(one, "lead")
-                    await f["a"].wait_until(lambda s: s.in_flight == 1)
-                    for name in ("f1", "f2"):
-                        tg.start_soon(one, name)
-                    await client.call({"op": "ping"})
-                    await client.call({"op": "cancel", "target": "lead"})
+    replies, stats = await _cancel_one(start_daemon, ("f1", "f2"), "lead")
     assert isinstance(replies["lead"], Error)
     assert replies["lead"].code == "cancelled"
     assert isinstance(replies["f1"], Result)
     assert isinstance(replies["f2"], Result)
     assert replies["f1"].content == replies["f2"].content
-    assert f["a"].stats.requests == 2  # the cancelled call, and one for both followers
+    assert stats.requests == 2  # the cancelled call, and one for both followers
 
 
 async def test_coalescing_can_be_turned_off(start_daemon: Any) -> None:
