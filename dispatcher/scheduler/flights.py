@@ -102,8 +102,12 @@ class Flights:
             return not job.embed.unsent
         if not scheduler.config.cache.coalesce or not isinstance(job.request, ChatRequest):
             return False
-        owner = None if scheduler.config.cache.shared else job.owner
-        key = flight_key(job.request, job.klass, owner=owner)
+        # A cacheable job's cache key is its flight key already (the same digest); only a
+        # streamed one, which the cache never holds, needs its own.
+        key = job.cache_key
+        if key is None and job.request.stream:
+            owner = None if scheduler.config.cache.shared else job.owner
+            key = flight_key(job.request, job.klass, owner=owner)
         if key is None:
             return False
         flight = self.by_key.get(key)
